@@ -1,0 +1,76 @@
+"""One client's outgoing events: a bounded queue drained by the client's own writer task."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from fennec import WebSocket
+
+
+class Outbox:
+    """Events waiting to be written to one socket.
+
+    A broadcast only appends here, so it never waits for anyone's network: a client that
+    stops reading fills its own outbox and nobody else's.
+    """
+
+    __slots__ = ("_accepting", "_closing", "_limit", "_pending", "_waiter", "_websocket", "_writer")
+
+    def __init__(self, websocket: WebSocket, limit: int) -> None:
+        self._websocket = websocket
+        self._limit = limit
+        self._pending: deque[str] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closing: tuple[int, str] | None = None
+        self._accepting = True  # False once closing, or once the socket turned out to be gone
+        self._writer = asyncio.create_task(self._write_until_closed())
+
+    def put(self, text: str) -> bool:
+        """Queue one encoded event. False means the client is too far behind to keep."""
+        if not self._accepting:
+            return True  # the socket is closing or gone: late events have nobody to reach
+        if len(self._pending) >= self._limit:
+            return False
+        self._pending.append(text)
+        self._wake_writer()
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        """Drop what is queued and send a close frame as soon as the socket takes it."""
+        self._accepting = False
+        self._pending.clear()
+        self._closing = (code, reason)
+        self._wake_writer()
+
+    def stop(self) -> None:
+        """The connection has ended: stop writing (a pending close frame may still go out)."""
+        if self._closing is None:
+            self._writer.cancel()
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def _wake_writer(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _write_until_closed(self) -> None:
+        send_text = self._websocket.send_text
+        try:
+            while True:
+                # Send everything queued in one go: one wake-up per burst, not per event.
+                while self._pending:
+                    await send_text(self._pending.popleft())
+                if self._closing is not None:
+                    await self._websocket.close(*self._closing)
+                    return
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+                self._waiter = None
+        except Exception:
+            # The peer vanished mid-send; its receive loop sees the disconnect and cleans up.
+            self._accepting = False
+            self._pending.clear()

@@ -1,0 +1,222 @@
+"""The wire protocol: what clients may send, what the server sends back, and the checks between.
+
+Everything a client sends passes through `parse_command`, which never raises: it returns either
+a command to carry out or a `Rejection` to send back as an `error` event.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import IntEnum
+from typing import Any
+
+from .settings import Settings
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the server uses (RFC 6455, section 7.4)."""
+
+    GOING_AWAY = 1001  # reserved for a proxy or a browser tab; uvicorn sends 1012 when the server stops
+    POLICY_VIOLATION = 1008  # invalid room name or unknown endpoint; the reason says which
+    MESSAGE_TOO_BIG = 1009  # a frame above max_frame_bytes (sent by uvicorn)
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012  # the server is shutting down: reconnect soon
+    TRY_AGAIN_LATER = 1013  # the client stopped reading and its outbox overflowed
+
+
+class ErrorCode:
+    """The `code` field of `error` events: stable strings that clients can match on."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_EVENT = "invalid_event"
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID_MESSAGE = "invalid_message"
+    MESSAGE_TOO_LONG = "message_too_long"
+    INVALID_USERNAME = "invalid_username"
+    UNSUPPORTED_FRAME = "unsupported_frame"
+
+
+# --- Commands: what a client may ask of a chat room ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetUsername:
+    username: str
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A frame the server will not act on, and why."""
+
+    code: str
+    reason: str
+
+    def event(self) -> dict[str, Any]:
+        return error(self.code, self.reason)
+
+
+Command = SendMessage | SetUsername | Typing
+
+
+def parse_command(frame: dict[str, Any], settings: Settings) -> Command | Rejection:
+    """Turn one ASGI `websocket.receive` frame into a command, or say why it is not one."""
+    text = frame.get("text")
+    if text is None:
+        return Rejection(ErrorCode.UNSUPPORTED_FRAME, "binary frames are not supported; send JSON text")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        return Rejection(ErrorCode.INVALID_JSON, "the frame is not valid JSON")
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        return Rejection(ErrorCode.INVALID_EVENT, 'expected a JSON object with a string "type"')
+
+    kind = data["type"]
+    if kind == "message":
+        return _chat_message(data.get("message"), settings)
+    if kind == "set_username":
+        name = check_username(data.get("username"), settings)
+        return name if isinstance(name, Rejection) else SetUsername(name)
+    if kind == "typing":
+        return Typing()
+    return Rejection(ErrorCode.UNKNOWN_TYPE, 'unknown "type"; expected message, set_username or typing')
+
+
+# --- Validation ------------------------------------------------------------------------------
+
+ROOM_NAME = re.compile(r"[A-Za-z0-9._-]+")
+# Lone surrogates can arrive as JSON escapes ("\ud800") but cannot be encoded as UTF-8 again.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+# Characters that reorder the text around them: a name could then display as someone else's.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def room_name_problem(room: str, settings: Settings) -> str | None:
+    """Why `room` is not a valid room name, or None if it is."""
+    if not ROOM_NAME.fullmatch(room) or len(room) > settings.max_room_chars:
+        return f"invalid room name: use 1-{settings.max_room_chars} letters, digits, '-', '_' or '.'"
+    return None
+
+
+def check_username(name: object, settings: Settings) -> str | Rejection:
+    """The username to use (trimmed), or why `name` cannot be one."""
+    limit = settings.max_username_chars
+    if not isinstance(name, str):
+        return Rejection(ErrorCode.INVALID_USERNAME, "username must be a string")
+    name = name.strip()
+    if not 1 <= len(name) <= limit:
+        return Rejection(ErrorCode.INVALID_USERNAME, f"username must be 1-{limit} characters")
+    if _SURROGATES.search(name) or any(_is_control(ch) or ch in _BIDI_CONTROLS for ch in name):
+        return Rejection(ErrorCode.INVALID_USERNAME, "username must not contain control characters")
+    return name
+
+
+def _chat_message(message: object, settings: Settings) -> SendMessage | Rejection:
+    if not isinstance(message, str):
+        return Rejection(ErrorCode.INVALID_MESSAGE, '"message" must be a string')
+    text = message.strip().replace("\r\n", "\n")
+    if not text:
+        return Rejection(ErrorCode.INVALID_MESSAGE, "message is empty")
+    if len(text) > settings.max_message_chars:
+        return Rejection(
+            ErrorCode.MESSAGE_TOO_LONG, f"message is longer than {settings.max_message_chars} characters"
+        )
+    if _SURROGATES.search(text) or any(_is_control(ch) and ch not in "\n\t" for ch in text):
+        return Rejection(ErrorCode.INVALID_MESSAGE, "message must not contain control characters")
+    return SendMessage(text)
+
+
+def _is_control(ch: str) -> bool:
+    return unicodedata.category(ch) in ("Cc", "Zl", "Zp")
+
+
+# --- Events: what the server sends -----------------------------------------------------------
+
+
+def now() -> str:
+    """ISO 8601 in UTC with an explicit offset, e.g. 2024-01-01T12:00:00.000000+00:00."""
+    return datetime.now(timezone.utc).isoformat()
+
+
+def encode(event: dict[str, Any]) -> str:
+    """Serialize an event once; the same text goes to every recipient."""
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+
+
+def welcome(room: str, client_id: str) -> dict[str, Any]:
+    return {
+        "type": "system",
+        "message": f"Welcome to room '{room}'!",
+        "client_id": client_id,
+        "timestamp": now(),
+    }
+
+
+def presence(room: str, users: list[dict[str, str]]) -> dict[str, Any]:
+    return {"type": "presence", "room": room, "users": users, "timestamp": now()}
+
+
+def user_joined(username: str, client_id: str) -> dict[str, Any]:
+    return {
+        "type": "user_joined",
+        "username": username,
+        "client_id": client_id,
+        "message": f"{username} joined the room",
+        "timestamp": now(),
+    }
+
+
+def user_left(username: str, client_id: str) -> dict[str, Any]:
+    return {
+        "type": "user_left",
+        "username": username,
+        "client_id": client_id,
+        "message": f"{username} left the room",
+        "timestamp": now(),
+    }
+
+
+def chat_message(username: str, text: str, client_id: str) -> dict[str, Any]:
+    return {
+        "type": "message",
+        "username": username,
+        "message": text,
+        "client_id": client_id,
+        "timestamp": now(),
+    }
+
+
+def username_changed(old: str, new: str, client_id: str) -> dict[str, Any]:
+    return {
+        "type": "username_changed",
+        "old_username": old,
+        "new_username": new,
+        "client_id": client_id,
+        "message": f"{old} is now known as {new}",
+        "timestamp": now(),
+    }
+
+
+def typing(username: str, client_id: str) -> dict[str, Any]:
+    return {"type": "typing", "username": username, "client_id": client_id, "timestamp": now()}
+
+
+def rooms_update(rooms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {"type": "rooms_update", "rooms": rooms, "timestamp": now()}
+
+
+def error(code: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message, "timestamp": now()}

@@ -1,0 +1,192 @@
+"""Fennec WebSocket chat: rooms, usernames, typing indicators and a lobby, in one process.
+
+    python server.py            # then open http://localhost:8000/ in a few tabs
+    python server.py --help     # every setting, with its environment variable
+
+Read this file top to bottom: the two WebSocket endpoints (accept, receive loop, broadcast,
+cleanup), the two HTTP routes, then how it is served. The machinery (validation, the room
+manager and its safe fan-out, settings) lives in the small `fennec_chat` package beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import uvicorn
+from fennec import Request, Response, Router, WebSocket, WebSocketRouter
+
+from fennec_chat import protocol
+from fennec_chat.application import ChatApplication
+from fennec_chat.manager import ChatManager
+from fennec_chat.protocol import CloseCode, ErrorCode
+from fennec_chat.settings import Settings
+
+CLIENT_PAGE = Path(__file__).with_name("client.html")
+
+settings = Settings.from_environ()  # main() applies command-line flags on top
+manager = ChatManager(settings)
+ws_router = WebSocketRouter()
+http_router = Router()
+
+
+# --- WebSocket endpoints -----------------------------------------------------------------------
+
+
+@ws_router.websocket("/ws/chat/{room}")
+async def chat_room(websocket: WebSocket, room: str) -> None:
+    """One member of one room, from handshake to goodbye."""
+    # Accept before refusing: a browser only sees a close code and reason after the handshake.
+    await websocket.accept()
+    if problem := protocol.room_name_problem(room, settings):
+        await websocket.close(CloseCode.POLICY_VIOLATION, problem)
+        return
+
+    client_id = await manager.connect(websocket)
+    # A reconnecting tab names itself in the URL, so the room never sees "User-1a2b joined"
+    # followed by a rename.
+    wanted_name = query_param(websocket, "username")
+    name_check = protocol.check_username(wanted_name, settings) if wanted_name is not None else None
+    if isinstance(name_check, str):
+        manager.rename(client_id, name_check)
+    manager.join_room(client_id, room)
+
+    await manager.send_json(client_id, protocol.welcome(room, client_id))
+    await manager.send_json(client_id, protocol.presence(room, manager.members(room)))
+    if isinstance(name_check, protocol.Rejection):
+        await manager.send_json(client_id, name_check.event())
+    joined = protocol.user_joined(manager.username(client_id), client_id)
+    await manager.broadcast_json(joined, room=room, exclude=client_id)
+
+    try:
+        async for frame in incoming(websocket, client_id):
+            username = manager.username(client_id)
+            match protocol.parse_command(frame, settings):
+                case protocol.SendMessage(text=text):
+                    # Everyone in the room, the sender included: its copy is the confirmation.
+                    event = protocol.chat_message(username, text, client_id)
+                    await manager.broadcast_json(event, room=room)
+                case protocol.SetUsername(username=new_name) if new_name != username:
+                    manager.rename(client_id, new_name)
+                    event = protocol.username_changed(username, new_name, client_id)
+                    await manager.broadcast_json(event, room=room)
+                case protocol.SetUsername():
+                    pass  # the name did not change: nothing to announce
+                case protocol.Typing():
+                    event = protocol.typing(username, client_id)
+                    await manager.broadcast_json(event, room=room, exclude=client_id)
+                case protocol.Rejection() as rejection:
+                    # Bad input is answered, never fatal: the socket stays open and usable.
+                    await manager.send_json(client_id, rejection.event())
+    finally:
+        # Tells the room `user_left` exactly once, whether the client closed, vanished or
+        # was dropped for falling behind.
+        await manager.disconnect(client_id)
+
+
+@ws_router.websocket("/ws/lobby")
+async def lobby(websocket: WebSocket) -> None:
+    """The list of active rooms: sent on connect, on any text from the client, and after changes."""
+    await websocket.accept()
+    client_id = await manager.connect(websocket)
+    await manager.watch_lobby(client_id)
+    try:
+        async for frame in incoming(websocket, client_id):
+            if frame.get("text") is not None:
+                await manager.send_rooms_update(client_id)
+            else:
+                error = protocol.error(ErrorCode.UNSUPPORTED_FRAME, "send any text to get the room list")
+                await manager.send_json(client_id, error)
+    finally:
+        await manager.disconnect(client_id)
+
+
+async def incoming(websocket: WebSocket, client_id: str) -> AsyncIterator[dict]:
+    """Frames from one client, until it disconnects or the manager drops it.
+
+    We read raw ASGI frames rather than Fennec's `receive_json()`: that one raises on bad
+    JSON and silently skips binary frames, and every bad frame here deserves an answer.
+    """
+    while True:
+        frame = await websocket.receive()
+        if frame["type"] == "websocket.disconnect" or not manager.is_connected(client_id):
+            return
+        if frame["type"] == "websocket.receive":  # not the opening "websocket.connect"
+            yield frame
+
+
+def query_param(websocket: WebSocket, name: str) -> str | None:
+    values = parse_qs(websocket.scope.get("query_string", b"").decode("latin-1")).get(name)
+    return values[0] if values else None
+
+
+# --- HTTP routes -------------------------------------------------------------------------------
+
+
+@http_router.get("/")
+async def chat_page(request: Request) -> Response:
+    """The chat page, so http://localhost:8000/?room=dev works as well as opening the file."""
+    return Response(CLIENT_PAGE.read_bytes(), headers={"content-type": "text/html; charset=utf-8"})
+
+
+@http_router.get("/health")
+async def health(request: Request) -> Response:
+    body = {"status": "ok", **manager.stats(), "tasks": len(asyncio.all_tasks())}
+    return Response(json.dumps(body), headers={"content-type": "application/json"})
+
+
+# --- The application ---------------------------------------------------------------------------
+
+# docs_enabled=False: Fennec's /docs page loads Swagger UI from a CDN, and this app never
+# reaches for the internet.
+app = ChatApplication(title="Fennec chat", docs_enabled=False)
+app.include_router(http_router)
+app.include_websocket_router(ws_router)
+app.on_shutdown.append(manager.shutdown)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings.apply_flags(sys.argv[1:] if argv is None else argv)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        lifespan="on",
+        ws="websockets-sansio",
+        ws_max_size=settings.max_frame_bytes,
+        ws_per_message_deflate=settings.ws_compression,
+        ws_ping_interval=settings.ping_interval or None,
+        ws_ping_timeout=settings.ping_timeout or None,
+        timeout_graceful_shutdown=5,
+    )
+    print_addresses(settings.host, settings.port)
+
+    # On Ctrl-C or SIGTERM uvicorn sends every socket a close frame (1012, "service restart"),
+    # waits for the handlers to finish, then re-raises the signal. A stop we asked for is a
+    # success, so the re-raised signal lands on a handler that does nothing and we exit 0.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, lambda *_: None)
+    server = uvicorn.Server(config)
+    server.run()
+    sys.exit(0 if server.started else 1)
+
+
+def print_addresses(host: str, port: int) -> None:
+    shown = "localhost" if host in ("0.0.0.0", "::", "127.0.0.1") else host
+    shown = f"[{shown}]" if ":" in shown else shown
+    print(f"Fennec chat: open http://{shown}:{port}/ (add ?room=NAME to pick a room)")
+    print(f"  chat room  ws://{shown}:{port}/ws/chat/{{room}}")
+    print(f"  lobby      ws://{shown}:{port}/ws/lobby")
+    if host in ("0.0.0.0", "::"):
+        print("  listening on every network interface: other machines can connect too")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
