@@ -1,0 +1,41 @@
+"""Fixtures: a real server process on a free loopback port, and real WebSocket clients."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.server_process import ServerProcess, log_path
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerProcess]:
+    """One server shared by the tests that only need the defaults (each uses its own rooms)."""
+    process = ServerProcess([], {}, log_path("shared")).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def start_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., ServerProcess]]:
+    """Start a dedicated server with extra flags or environment; stopped after the test."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+        name = f"{request.node.name}-{len(started)}"
+        process = ServerProcess(list(args), env or {}, log_path(name)).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def room(request: pytest.FixtureRequest) -> str:
+    """A room name no other test uses."""
+    readable = "".join(ch if ch.isalnum() else "-" for ch in request.node.name)[-40:]
+    return f"t-{readable}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,99 @@
+"""A real `python server.py` process on a free loopback port, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.chat_client import ChatClient
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """`python server.py` in a child process, with its output kept in a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, port: int | None = None) -> None:
+        """Listens on `port`, or on a free port passed as --port when none is given."""
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.args = args if port else ["--port", str(self.port), *args]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15) -> ServerProcess:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "server.py"), *self.args],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.http_url + "/health", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server did not start in {timeout} s:\n{self.log()}")
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM, wait, and return the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(self.http_url + "/health", timeout=5) as response:
+            return json.load(response)
+
+    async def connect(self, path: str, **kwargs) -> ChatClient:
+        return await ChatClient.connect(self.ws_url + path, **kwargs)
+
+    def assert_no_errors(self) -> None:
+        """The server logged no traceback and no error."""
+        log = self.log()
+        assert "Traceback" not in log, log
+        assert "ERROR" not in log, log
+
+
+def log_path(name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:120]
+    path = ARTIFACTS / f"server-{safe}.log"
+    path.unlink(missing_ok=True)
+    return path
