@@ -6,7 +6,9 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from playwright.async_api import async_playwright
 
+from tests.browser import CHROMIUM_ARGS, chromium_path, optional_part_missing
 from tests.server_process import ServerProcess, log_path
 
 
@@ -39,3 +41,15 @@ def room(request: pytest.FixtureRequest) -> str:
     """A room name no other test uses."""
     readable = "".join(ch if ch.isalnum() else "-" for ch in request.node.name)[-40:]
     return f"t-{readable}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def browser():
+    """A real Chromium (see tests/browser.py); skipped without one, except in CI."""
+    executable = chromium_path()
+    if executable is None:
+        optional_part_missing("no Chromium found: install one or set CHAT_CHROMIUM to its path")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield launched
+        await launched.close()

@@ -27,10 +27,10 @@ class ServerProcess:
     """`python server.py` in a child process, with its output kept in a log file."""
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path, port: int | None = None) -> None:
-        """Listens on `port`, or on a free port passed as --port when none is given."""
+        """Listens on `port` (a free one if None), passed as --port unless PORT is in `env`."""
         self.port = port or free_port()
         self.log_path = log_path
-        self.args = args if port else ["--port", str(self.port), *args]
+        self.args = args if "PORT" in env else ["--port", str(self.port), *args]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
         self.process: subprocess.Popen[bytes] | None = None
 

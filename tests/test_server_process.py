@@ -57,9 +57,8 @@ def test_port_and_host_come_from_the_environment(request):
 
 def test_flags_beat_environment_variables(request):
     flag_port, env_port = free_port(), free_port()
-    server = ServerProcess(
-        ["--port", str(flag_port)], {"PORT": str(env_port)}, log_path(request.node.name), port=flag_port
-    )
+    server = ServerProcess([], {}, log_path(request.node.name), port=flag_port)
+    server.env["PORT"] = str(env_port)
     server.start()
     try:
         assert server.health()["status"] == "ok"

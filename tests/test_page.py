@@ -1,0 +1,476 @@
+"""client.html in real Chromium against a real server: chatting, typing, names, rooms,
+reconnection, refusals and safety against injected HTML."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+
+import pytest
+from playwright.async_api import Browser, Page, expect
+
+from tests.browser import PageProblems
+from tests.server_process import ARTIFACTS, ROOT, ServerProcess, log_path
+
+XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
+
+
+class ChatPage:
+    """One person with the chat page open, in a browser context of their own."""
+
+    def __init__(self, page: Page, problems: PageProblems) -> None:
+        self.page = page
+        self.problems = problems
+
+    @classmethod
+    async def open(
+        cls, browser: Browser, url: str, width: int = 1100, name: str | None = None, **options
+    ) -> ChatPage:
+        """Open the page in a fresh browser profile; `name` is a name saved on an earlier visit."""
+        context = await browser.new_context(viewport={"width": width, "height": 720}, **options)
+        if name is not None:
+            await context.add_init_script(f"localStorage.setItem('fennec-chat.username', {json.dumps(name)})")
+        page = await context.new_page()
+        problems = PageProblems()
+        problems.watch(page)
+        await page.goto(url)
+        chat_page = cls(page, problems)
+        await chat_page.wait_connected()
+        return chat_page
+
+    @property
+    def status(self):
+        return self.page.locator("#status")
+
+    @property
+    def messages(self):
+        return self.page.locator("#messages .message")
+
+    def message_with(self, text: str):
+        return self.page.locator("#messages .message", has_text=text)
+
+    async def wait_connected(self, timeout: float = 10_000) -> None:
+        await expect(self.status).to_have_attribute("data-state", "connected", timeout=timeout)
+        await expect(self.page.locator("#user-list li")).not_to_have_count(0, timeout=timeout)
+
+    async def set_name(self, name: str) -> None:
+        await self.page.fill("#name-input", name)
+        await self.page.press("#name-input", "Enter")
+
+    async def say(self, text: str) -> None:
+        await self.page.fill("#message-input", text)
+        await self.page.press("#message-input", "Enter")
+
+    async def close(self) -> None:
+        assert self.problems.errors == [], self.problems.errors
+        await self.page.context.close()
+
+
+def page_url(server: ServerProcess, room: str) -> str:
+    return f"{server.http_url}/?room={room}"
+
+
+async def test_two_pages_chat_both_ways_and_another_room_sees_nothing(browser, server, room):
+    alice = await ChatPage.open(browser, page_url(server, room))
+    await alice.set_name("Alice")
+    bob = await ChatPage.open(browser, page_url(server, room))
+    await bob.set_name("Bob")
+    elsewhere = await ChatPage.open(browser, page_url(server, f"{room}-other"))
+
+    await alice.say("Hello from Alice")
+    await expect(bob.message_with("Hello from Alice")).to_have_class(re.compile(r"^message$"))
+    await expect(bob.message_with("Hello from Alice").locator(".author")).to_have_text("Alice")
+    await expect(alice.message_with("Hello from Alice")).to_have_class(re.compile(r"\bown\b"))
+    await expect(alice.message_with("Hello from Alice")).not_to_have_class(re.compile("pending"))
+
+    await bob.say("Hi Alice, Bob here")
+    await expect(alice.message_with("Bob here")).not_to_have_class(re.compile(r"\bown\b"))
+    await expect(bob.message_with("Bob here")).to_have_class(re.compile(r"\bown\b"))
+
+    # The own bubble is styled apart from the others'.
+    own_color = (
+        await alice.message_with("Hello from Alice")
+        .locator(".bubble")
+        .evaluate("node => getComputedStyle(node).backgroundColor")
+    )
+    other_color = (
+        await alice.message_with("Bob here")
+        .locator(".bubble")
+        .evaluate("node => getComputedStyle(node).backgroundColor")
+    )
+    assert own_color != other_color
+
+    await asyncio.sleep(0.3)
+    assert await elsewhere.messages.count() == 0
+    for person in (alice, bob, elsewhere):
+        await person.close()
+
+
+async def test_quick_messages_each_arrive_once_and_in_order(browser, server, room):
+    alice = await ChatPage.open(browser, page_url(server, room))
+    bob = await ChatPage.open(browser, page_url(server, room))
+    # Ten sends in one go, far faster than the echoes come back (what the Send button calls).
+    await alice.page.evaluate("for (let n = 0; n < 10; n++) sendMessage(`quick ${n}`)")
+    expected = [f"quick {number}" for number in range(10)]
+    await expect(bob.messages.locator(".text")).to_have_text(expected)
+    await expect(alice.messages.locator(".text")).to_have_text(expected)
+    await expect(alice.page.locator("#messages .message.pending")).to_have_count(0)
+    await alice.close()
+    await bob.close()
+
+
+async def test_enter_sends_and_shift_enter_starts_a_new_line(browser, server, room):
+    alice = await ChatPage.open(browser, page_url(server, room))
+    await alice.page.click("#message-input")
+    await alice.page.keyboard.type("first line")
+    await alice.page.keyboard.press("Shift+Enter")
+    await alice.page.keyboard.type("second line")
+    await alice.page.keyboard.press("Enter")
+    await expect(alice.messages.locator(".text")).to_have_text("first line\nsecond line")
+    await expect(alice.page.locator("#message-input")).to_have_value("")
+    await alice.close()
+
+
+async def test_typing_indicator_appears_in_the_other_page_and_clears(browser, server, room):
+    alice = await ChatPage.open(browser, page_url(server, room))
+    await alice.set_name("Alice")
+    bob = await ChatPage.open(browser, page_url(server, room))
+
+    await alice.page.click("#message-input")
+    await alice.page.keyboard.type("I am wri")
+    await expect(bob.page.locator("#typing")).to_have_text("Alice is typing…")
+    await expect(alice.page.locator("#typing")).to_have_text("")
+    await expect(bob.page.locator("#typing")).to_have_text("", timeout=5_000)  # 3 s of silence
+
+    await alice.page.keyboard.type("ting again")
+    await expect(bob.page.locator("#typing")).to_have_text("Alice is typing…", timeout=5_000)
+    await alice.page.keyboard.press("Enter")
+    await expect(bob.message_with("I am writing again")).to_be_visible()
+    await expect(bob.page.locator("#typing")).to_have_text("")  # cleared by the message itself
+    await alice.close()
+    await bob.close()
+
+
+async def test_typing_indicator_names_two_and_counts_three(browser, server, room):
+    watcher = await ChatPage.open(browser, page_url(server, room))
+    typists = []
+    for name in ("Ann", "Ben", "Cat"):
+        typist = await ChatPage.open(browser, page_url(server, room))
+        await typist.set_name(name)
+        typists.append(typist)
+    await typists[0].page.type("#message-input", "a")
+    await expect(watcher.page.locator("#typing")).to_have_text("Ann is typing…")
+    await typists[1].page.type("#message-input", "b")
+    await expect(watcher.page.locator("#typing")).to_have_text("Ann and Ben are typing…")
+    await typists[2].page.type("#message-input", "c")
+    await expect(watcher.page.locator("#typing")).to_have_text("3 people are typing…")
+    for person in (watcher, *typists):
+        await person.close()
+
+
+async def test_a_new_name_shows_in_the_other_page_and_survives_a_reload(browser, server, room):
+    alice = await ChatPage.open(browser, page_url(server, room))
+    bob = await ChatPage.open(browser, page_url(server, room))
+
+    await alice.set_name("Alice")
+    await expect(bob.page.locator("#messages .system-line", has_text="is now known as Alice")).to_be_visible()
+    await expect(bob.page.locator("#user-list")).to_contain_text("Alice")
+    await alice.say("named now")
+    await expect(bob.message_with("named now").locator(".author")).to_have_text("Alice")
+
+    await alice.page.reload()
+    await alice.wait_connected()
+    await expect(alice.page.locator("#name-input")).to_have_value("Alice")
+    # The reloaded tab joins under its name: no default name, no rename.
+    await expect(bob.page.locator("#messages .system-line", has_text="Alice joined the room")).to_be_visible()
+    await expect(bob.page.locator("#messages .system-line", has_text="is now known as")).to_have_count(1)
+    await alice.close()
+    await bob.close()
+
+
+async def test_the_servers_answer_to_an_invalid_name_appears_next_to_the_control(browser, server, room):
+    alice = await ChatPage.open(browser, page_url(server, room))
+    await alice.set_name("\u202eevil")  # a bidi override: the page lets it through, the server does not
+    await expect(alice.page.locator("#name-error")).to_contain_text("control characters")
+    await alice.set_name("")
+    await expect(alice.page.locator("#name-error")).to_contain_text("32 characters")
+    await alice.close()
+
+
+async def test_error_events_are_quiet_notices_not_alerts(browser, server, room):
+    alice = await ChatPage.open(browser, page_url(server, room))
+    await alice.page.evaluate("chat.ws.send('{not json')")
+    await expect(alice.page.locator("#notices .notice")).to_contain_text("not valid JSON")
+    assert alice.problems.dialogs == []
+    await alice.close()
+
+
+async def test_html_in_names_and_messages_shows_literally_and_never_runs(browser, server, room):
+    mallory = await ChatPage.open(browser, page_url(server, room))
+    alice = await ChatPage.open(browser, page_url(server, room))
+
+    await mallory.set_name("<img src=x onerror=alert(1)>")
+    await mallory.say(XSS)
+    for page in (alice, mallory):
+        await expect(page.message_with("window.__xss=2").locator(".text")).to_have_text(XSS)
+        await expect(page.page.locator("#user-list")).to_contain_text("<img src=x onerror=alert(1)>")
+        assert (
+            await page.page.locator("#messages img, #messages script, #user-list img, #messages b").count()
+            == 0
+        )
+        assert await page.page.evaluate("window.__xss") is None
+        assert page.problems.dialogs == []
+    await mallory.close()
+    await alice.close()
+
+
+async def test_switching_rooms_from_the_lobby_list_follows_in_the_url(browser, server, room):
+    other_room = f"{room}-b"
+    there = await ChatPage.open(browser, page_url(server, other_room))
+    await there.set_name("There")
+    alice = await ChatPage.open(browser, page_url(server, room))
+
+    room_button = alice.page.locator(f'#room-list button[data-room="{other_room}"]')
+    await expect(room_button.locator(".count")).to_have_text("1")
+    await room_button.click()
+
+    await expect(alice.page.locator("#room-name")).to_have_text(other_room)
+    assert alice.page.url.endswith(f"?room={other_room}")
+    await alice.wait_connected()
+    await expect(alice.page.locator("#user-list")).to_contain_text("There")
+    await expect(room_button).to_have_attribute("aria-current", "true")
+    await alice.say("hello over here")
+    await expect(there.message_with("hello over here")).to_be_visible()
+
+    await alice.page.go_back()  # the back button returns to the first room
+    await expect(alice.page.locator("#room-name")).to_have_text(room)
+    await alice.wait_connected()
+    await expect(alice.page.locator("#user-list li")).to_have_count(1)
+    await alice.close()
+    await there.close()
+
+
+async def test_typing_a_room_name_switches_rooms(browser, server, room):
+    alice = await ChatPage.open(browser, page_url(server, room))
+    await alice.page.fill("#room-input", "not a room!")
+    await alice.page.press("#room-input", "Enter")
+    await expect(alice.page.locator("#room-error")).not_to_be_empty()
+    await alice.page.fill("#room-input", f"{room}-typed")
+    await alice.page.press("#room-input", "Enter")
+    await expect(alice.page.locator("#room-name")).to_have_text(f"{room}-typed")
+    assert alice.page.url.endswith(f"?room={room}-typed")
+    await alice.wait_connected()
+    await alice.close()
+
+
+async def test_the_page_reconnects_after_a_restart_and_delivers_what_was_written_meanwhile(
+    browser, request, room
+):
+    server = ServerProcess([], {}, log_path(f"{request.node.name}-first")).start()
+    alice = await ChatPage.open(browser, page_url(server, room))
+    await alice.set_name("Alice")
+    bob = await ChatPage.open(browser, page_url(server, room))
+
+    server.stop()
+    await expect(alice.status).to_have_attribute("data-state", re.compile("reconnecting|connecting"))
+    await expect(alice.page.locator("#status-text")).to_contain_text(re.compile("Reconnecting|Connecting"))
+    await expect(alice.page.locator("#retry-button")).to_be_visible()
+    await alice.say("written while the server was down")
+    pending = alice.message_with("written while the server was down")
+    await expect(pending).to_have_class(re.compile("pending"))
+
+    # Pin the order: Bob retries at once, Alice only after ~10 s (the top of the backoff), so
+    # Bob is back in the room when Alice's queued message goes out.
+    await bob.page.evaluate("Math.random = () => 0.01")
+    await alice.page.evaluate("Math.random = () => 0.999; chat.attempt = 10")
+    await expect(alice.page.locator("#status-text")).to_have_text("Reconnecting in 10 s")
+
+    restarted = ServerProcess([], {}, log_path(f"{request.node.name}-second"), port=server.port).start()
+    try:
+        await bob.wait_connected(timeout=5_000)
+        await alice.wait_connected(timeout=15_000)
+        await expect(bob.message_with("written while the server was down")).to_be_visible()
+        await expect(pending).not_to_have_class(re.compile("pending"))
+        await expect(bob.message_with("written while the server was down")).to_have_count(1)
+        await alice.close()
+        await bob.close()
+    finally:
+        restarted.stop()
+
+
+async def test_retry_now_reconnects_at_once(browser, request, room):
+    server = ServerProcess([], {}, log_path(f"{request.node.name}-first")).start()
+    alice = await ChatPage.open(browser, page_url(server, room))
+    server.stop()
+    await expect(alice.page.locator("#retry-button")).to_be_visible()
+    # Push the backoff to its 10 s ceiling, then bring the server back and press the button.
+    await alice.page.evaluate("Math.random = () => 0.999; chat.attempt = 10")
+    await expect(alice.page.locator("#status-text")).to_have_text("Reconnecting in 10 s")
+    restarted = ServerProcess([], {}, log_path(f"{request.node.name}-second"), port=server.port).start()
+    try:
+        await alice.page.locator("#retry-button").click()
+        await alice.wait_connected(timeout=3_000)
+        await alice.close()
+    finally:
+        restarted.stop()
+
+
+async def test_the_page_comes_back_at_once_when_the_network_returns(browser, request, room):
+    server = ServerProcess([], {}, log_path(f"{request.node.name}-first")).start()
+    alice = await ChatPage.open(browser, page_url(server, room))
+    await alice.page.context.set_offline(True)
+    server.stop()
+    await expect(alice.status).to_have_attribute("data-state", "offline")
+    await expect(alice.page.locator("#status-text")).to_contain_text("Offline")
+    await alice.page.evaluate("chat.attempt = 10")  # the backoff alone would wait up to 10 s
+    restarted = ServerProcess([], {}, log_path(f"{request.node.name}-second"), port=server.port).start()
+    try:
+        await alice.page.context.set_offline(False)  # fires the browser's 'online' event
+        await alice.wait_connected(timeout=3_000)
+        await alice.close()
+    finally:
+        restarted.stop()
+
+
+async def test_the_page_retries_at_once_when_the_tab_becomes_visible_again(browser, request, room):
+    server = ServerProcess([], {}, log_path(f"{request.node.name}-first")).start()
+    alice = await ChatPage.open(browser, page_url(server, room))
+    server.stop()
+    await alice.page.evaluate("Math.random = () => 0.999; chat.attempt = 10")
+    await expect(alice.page.locator("#status-text")).to_have_text("Reconnecting in 10 s")
+    restarted = ServerProcess([], {}, log_path(f"{request.node.name}-second"), port=server.port).start()
+    try:
+        await alice.page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+        await alice.wait_connected(timeout=3_000)
+        await alice.close()
+    finally:
+        restarted.stop()
+
+
+async def test_at_most_50_messages_wait_for_the_connection(browser, request, room):
+    server = ServerProcess([], {}, log_path(request.node.name)).start()
+    alice = await ChatPage.open(browser, page_url(server, room))
+    server.stop()
+    await expect(alice.page.locator("#retry-button")).to_be_visible()
+    for number in range(51):
+        await alice.page.fill("#message-input", f"queued {number}")
+        await alice.page.press("#message-input", "Enter")
+    await expect(alice.page.locator("#messages .message.pending")).to_have_count(50)
+    await expect(alice.page.locator("#notices .notice")).to_contain_text("Too many unsent messages")
+    await expect(alice.page.locator("#message-input")).to_have_value("queued 50")  # kept, not lost
+    await alice.close()
+
+
+async def test_a_refusal_shows_the_reason_and_is_not_retried(browser, server):
+    context = await browser.new_context()
+    page = await context.new_page()
+    attempts = []
+    page.on("websocket", lambda ws: attempts.append(ws.url) if "/ws/chat/" in ws.url else None)
+    await page.goto(f"{server.http_url}/?room=not%20valid")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "refused")
+    await expect(page.locator("#status-text")).to_contain_text("invalid room name")
+    await asyncio.sleep(3)
+    assert len(attempts) == 1
+    await context.close()
+
+
+async def test_the_page_works_when_opened_from_disk_with_a_server_parameter(browser, server, room):
+    file_url = (ROOT / "client.html").as_uri() + f"?server={server.ws_url}&room={room}"
+    alice = await ChatPage.open(browser, file_url)
+    await alice.set_name("FromDisk")
+    bob = await ChatPage.open(browser, page_url(server, room))
+    await alice.say("sent from a file:// page")
+    await expect(bob.message_with("sent from a file:// page")).to_be_visible()
+    await expect(alice.page.locator("#room-name")).to_have_text(room)
+    await alice.close()
+    await bob.close()
+
+
+async def test_new_messages_pill_appears_only_when_the_reader_has_scrolled_up(browser, server, room):
+    reader = await ChatPage.open(browser, page_url(server, room))
+    writer = await ChatPage.open(browser, page_url(server, room))
+    for number in range(30):
+        await writer.say(f"line {number}")
+    await expect(reader.message_with("line 29")).to_be_visible()  # followed to the bottom
+    await expect(reader.page.locator("#new-messages")).to_be_hidden()
+
+    await reader.page.locator("#messages").evaluate("list => { list.scrollTop = 0; }")
+    await writer.say("while you were reading")
+    await expect(reader.page.locator("#new-messages")).to_be_visible()
+    await expect(reader.message_with("while you were reading")).not_to_be_in_viewport()
+    await reader.page.locator("#new-messages").click()
+    await expect(reader.message_with("while you were reading")).to_be_in_viewport()
+    await expect(reader.page.locator("#new-messages")).to_be_hidden()
+    await reader.close()
+    await writer.close()
+
+
+async def test_on_a_narrow_screen_the_side_panel_hides_behind_a_button(browser, server, room):
+    alice = await ChatPage.open(browser, page_url(server, room), width=360)
+    toggle = alice.page.locator("#panel-toggle")
+    panel = alice.page.locator("#side-panel")
+    await expect(panel).to_be_hidden()
+    await expect(toggle).to_have_attribute("aria-expanded", "false")
+    await toggle.click()
+    await expect(panel).to_be_visible()
+    await expect(toggle).to_have_attribute("aria-expanded", "true")
+    await expect(alice.page.locator("#name-input")).to_be_focused()
+    await alice.page.keyboard.press("Escape")
+    await expect(panel).to_be_hidden()
+    await expect(toggle).to_be_focused()
+    width = await alice.page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 360  # nothing sticks out sideways
+    await alice.close()
+
+
+@pytest.mark.parametrize("motion", ["no-preference", "reduce"])
+async def test_entry_animations_respect_reduced_motion(browser, server, room, motion):
+    alice = await ChatPage.open(browser, page_url(server, room), reduced_motion=motion)
+    await alice.say("animated?")
+    name = await alice.message_with("animated?").evaluate("node => getComputedStyle(node).animationName")
+    assert name == ("none" if motion == "reduce" else "rise")
+    await alice.close()
+
+
+async def test_controls_are_labelled_and_the_log_is_announced_politely(browser, server, room):
+    alice = await ChatPage.open(browser, page_url(server, room))
+    page = alice.page
+    await expect(page.get_by_role("log", name="Messages")).to_have_attribute("aria-live", "polite")
+    for label in ("Message", "Your name", "Go to a room"):
+        await expect(page.get_by_label(label, exact=True)).to_be_visible()
+    await expect(page.get_by_role("button", name="Send")).to_be_visible()
+    await expect(page.get_by_role("status").first).to_be_visible()
+    await alice.close()
+
+
+async def test_screenshot_of_two_tabs_mid_conversation(browser, start_server):
+    """Saved to test-artifacts/two-tabs.png (docs/screenshot.png is one of these)."""
+    server = start_server()
+    alice = await ChatPage.open(browser, page_url(server, "general"), width=900, name="Alice")
+    bob = await ChatPage.open(
+        browser, page_url(server, "general"), width=900, name="Bob", color_scheme="dark"
+    )
+    await alice.say("Hi Bob! Is the deploy out?")
+    await expect(bob.message_with("deploy")).to_be_visible()
+    await bob.say("Yes, all green 🚀\nStaging is next.")
+    await expect(alice.message_with("Staging")).to_be_visible()
+    await asyncio.sleep(2)  # typing notices go out at most once every 2 s
+    await alice.page.type("#message-input", "Great, thanks")
+    await expect(bob.page.locator("#typing")).to_have_text("Alice is typing…")
+
+    shots = [base64.b64encode(await person.page.screenshot()).decode() for person in (alice, bob)]
+    composer = await browser.new_page(viewport={"width": 1840, "height": 740})
+    await composer.set_content(
+        '<body style="margin:0;background:#c9ced6;display:flex;gap:20px;padding:10px">'
+        + "".join(f'<img src="data:image/png;base64,{shot}" width="900">' for shot in shots)
+        + "</body>"
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "two-tabs.png"
+    await composer.screenshot(path=str(path))
+    assert path.stat().st_size > 20_000
+    await composer.close()
+    await alice.close()
+    await bob.close()
