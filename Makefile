@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint format clean
+.PHONY: run test bench lint format clean
 
 run: $(VENV)/.installed
 	$(BIN)/python server.py $(ARGS)
@@ -12,6 +12,10 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Benchmarks: `make bench` runs them all; `make bench WORKLOADS=history` picks some.
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m bench.run $(WORKLOADS) $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -11,6 +11,7 @@ manager and its safe fan-out, settings) lives in the small `fennec_chat` package
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import signal
 import sys
@@ -47,19 +48,20 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
         await websocket.close(CloseCode.POLICY_VIOLATION, problem)
         return
 
+    # A reconnecting tab names itself in the URL (so the room never sees "User-1a2b joined"
+    # followed by a rename) and says where it left off (so it gets just what it missed).
+    join = protocol.parse_join(query_params(websocket), settings)
     client_id = await manager.connect(websocket)
-    # A reconnecting tab names itself in the URL, so the room never sees "User-1a2b joined"
-    # followed by a rename.
-    wanted_name = query_param(websocket, "username")
-    name_check = protocol.check_username(wanted_name, settings) if wanted_name is not None else None
-    if isinstance(name_check, str):
-        manager.rename(client_id, name_check)
+    if join.username:
+        manager.rename(client_id, join.username)
     manager.join_room(client_id, room)
 
     await manager.send_json(client_id, protocol.welcome(room, client_id))
     await manager.send_json(client_id, protocol.presence(room, manager.members(room)))
-    if isinstance(name_check, protocol.Rejection):
-        await manager.send_json(client_id, name_check.event())
+    # Earlier messages (or just the missed ones), then live ones: no gap, nothing twice.
+    await manager.send_history(client_id, room, join.since, join.epoch)
+    for problem in join.problems:
+        await manager.send_json(client_id, problem.event())
     joined = protocol.user_joined(manager.username(client_id), client_id)
     await manager.broadcast_json(joined, room=room, exclude=client_id)
 
@@ -67,10 +69,11 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
         async for frame in incoming(websocket, client_id):
             username = manager.username(client_id)
             match protocol.parse_command(frame, settings):
-                case protocol.SendMessage(text=text):
-                    # Everyone in the room, the sender included: its copy is the confirmation.
-                    event = protocol.chat_message(username, text, client_id)
-                    await manager.broadcast_json(event, room=room)
+                case protocol.SendMessage(text=text, client_msg_id=client_msg_id):
+                    # Stored and numbered, then sent to everyone in the room, the sender
+                    # included: its copy is the confirmation.
+                    event = protocol.chat_message(username, text, client_id, client_msg_id)
+                    await manager.publish(room, event, sender=client_id)
                 case protocol.SetUsername(username=new_name) if new_name != username:
                     manager.rename(client_id, new_name)
                     event = protocol.username_changed(username, new_name, client_id)
@@ -120,9 +123,10 @@ async def incoming(websocket: WebSocket, client_id: str) -> AsyncIterator[dict]:
             yield frame
 
 
-def query_param(websocket: WebSocket, name: str) -> str | None:
-    values = parse_qs(websocket.scope.get("query_string", b"").decode("latin-1")).get(name)
-    return values[0] if values else None
+def query_params(websocket: WebSocket) -> dict[str, str]:
+    """The connect URL's query parameters (the first value of each)."""
+    query = parse_qs(websocket.scope.get("query_string", b"").decode("latin-1"))
+    return {name: values[0] for name, values in query.items()}
 
 
 # --- HTTP routes -------------------------------------------------------------------------------
@@ -147,6 +151,7 @@ async def health(request: Request) -> Response:
 app = ChatApplication(title="Fennec chat", docs_enabled=False)
 app.include_router(http_router)
 app.include_websocket_router(ws_router)
+app.on_startup.append(manager.start)  # opens the message history
 app.on_shutdown.append(manager.shutdown)
 
 
@@ -164,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ws_ping_interval=settings.ping_interval or None,
         ws_ping_timeout=settings.ping_timeout or None,
         timeout_graceful_shutdown=5,
+        log_config=log_config(),
     )
     print_addresses(settings.host, settings.port)
 
@@ -175,6 +181,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     server = uvicorn.Server(config)
     server.run()
     sys.exit(0 if server.started else 1)
+
+
+def log_config() -> dict:
+    """uvicorn's logging, extended to this app's own logger."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["fennec_chat"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
 
 
 def print_addresses(host: str, port: int) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -10,9 +12,14 @@ from typing import Any
 from fennec import WebSocket, WebSocketManager
 
 from . import protocol
+from .history import History, open_history
 from .outbox import Outbox
-from .protocol import CloseCode
+from .protocol import CloseCode, ErrorCode
 from .settings import Settings
+
+logger = logging.getLogger("fennec_chat")
+
+MAX_IN_FLIGHT = 64  # a client's messages waiting for the history before its next one waits too
 
 
 @dataclass(eq=False, slots=True)
@@ -23,6 +30,9 @@ class Client:
     outbox: Outbox
     username: str
     room: str | None = None
+    # While a newcomer's history is being read, room events wait here as (message id, text).
+    held: list[tuple[int | None, str]] | None = None
+    in_flight: int = 0  # messages sent but not yet stored
 
 
 class ChatManager(WebSocketManager):
@@ -39,7 +49,15 @@ class ChatManager(WebSocketManager):
         self.settings = settings
         self.clients: dict[str, Client] = {}
         self.lobby_watchers: set[str] = set()
+        self.history: History | None = None
+        self._storing: dict[str, asyncio.Future] = {}  # room → its newest message still being stored
         self._lobby_push = Throttle(settings.lobby_interval, self._push_rooms_update)
+
+    async def start(self) -> None:
+        """Open the message history the settings ask for."""
+        self.history = open_history(self.settings)
+        if self.history is not None:
+            await self.history.start()
 
     # --- Connections (Fennec's API, extended) -------------------------------------------------
 
@@ -57,8 +75,12 @@ class ChatManager(WebSocketManager):
         return client_id in self.clients
 
     def join_room(self, client_id: str, room: str) -> None:
+        """Add the client to the room. Its room events are held until `send_history`."""
         super().join_room(client_id, room)
-        self.clients[client_id].room = room
+        client = self.clients[client_id]
+        client.room = room
+        if self.history is not None:
+            client.held = []
         self._lobby_changed()
 
     def leave_room(self, client_id: str, room: str) -> None:
@@ -85,6 +107,89 @@ class ChatManager(WebSocketManager):
         ]
         return sorted(users, key=lambda user: (user["username"].casefold(), user["client_id"]))
 
+    # --- History ------------------------------------------------------------------------------
+
+    async def publish(self, room: str, event: dict[str, Any], sender: str) -> None:
+        """Number and store a chat message, then send it to everyone in the room.
+
+        Storing first means a client that reconnects with ?since= finds every message anyone
+        saw. The fan-out runs as a callback of the stored message's future; those resolve in
+        id order, so every client sees a room's messages in id order. The sender does not wait
+        for the commit (its next messages can share it) unless it has many in flight.
+        """
+        if self.history is None:
+            await self.broadcast_json(event, room=room)
+            return
+        stored = self.history.append(room, event)
+        stored.add_done_callback(functools.partial(self._fan_out_stored, room, sender, event))
+        self._storing[room] = stored
+        client = self.clients.get(sender)
+        if client is not None:
+            client.in_flight += 1
+            if client.in_flight > MAX_IN_FLIGHT:
+                await asyncio.wait([stored])
+
+    def _fan_out_stored(self, room: str, sender: str, event: dict[str, Any], stored: asyncio.Future) -> None:
+        if (client := self.clients.get(sender)) is not None:
+            client.in_flight -= 1
+        if self._storing.get(room) is stored:
+            del self._storing[room]
+        if stored.cancelled() or stored.exception() is not None:
+            logger.error("could not store a message for room %s: %r", room, stored.exception())
+            error = protocol.error(
+                ErrorCode.HISTORY_UNAVAILABLE, "the message could not be stored; send it again"
+            )
+            if "client_msg_id" in event:
+                error["client_msg_id"] = event["client_msg_id"]
+            self._deliver(protocol.encode(error), (sender,))
+        elif stored.result().duplicate:
+            # A resend of a message we already have: only the sender hears of it, as its receipt.
+            self._deliver(stored.result().text, (sender,))
+        else:
+            message = stored.result()
+            recipients = tuple(self.rooms.get(room, ()))
+            self._deliver(message.text, recipients, room_event=True, message_id=message.event["id"])
+
+    async def send_history(self, client_id: str, room: str, since: int | None, epoch: str | None) -> None:
+        """Send `history`, then release the room events held since `join_room`.
+
+        The client joined the room before the history was read, so nothing published meanwhile
+        is missed; messages that are both in the history and held are sent once.
+        """
+        client = self.clients.get(client_id)
+        if client is None or client.held is None or self.history is None:
+            return
+        settings = self.settings
+        try:
+            if since is None:
+                page = await self.history.recent(room, settings.history_on_join)
+            else:
+                page = await self.history.since(room, since, epoch, settings.history_resume_max)
+        except Exception:
+            logger.exception("could not read the history of room %s", room)
+            page = None
+        if self.clients.get(client_id) is not client:
+            return  # it left while we were reading
+        held, client.held = client.held, None
+        if page is None:
+            self._deliver(
+                protocol.encode(protocol.error(ErrorCode.HISTORY_UNAVAILABLE, "history could not be read")),
+                (client_id,),
+            )
+            newest_sent = 0
+        else:
+            event = protocol.history(room, page.messages, page.epoch, page.truncated, page.reset)
+            self._deliver(protocol.encode(event), (client_id,))
+            if page.messages:
+                newest_sent = page.messages[-1]["id"]
+            elif since is not None and not page.reset:
+                newest_sent = since
+            else:
+                newest_sent = 0
+        for message_id, text in held:
+            if message_id is None or message_id > newest_sent:
+                self._deliver(text, (client_id,))
+
     # --- Delivery (Fennec's API, made safe) ---------------------------------------------------
 
     async def send_message(self, client_id: str, message: str) -> None:
@@ -94,25 +199,51 @@ class ChatManager(WebSocketManager):
         self._deliver(protocol.encode(data), (client_id,))
 
     async def broadcast(self, message: str, room: str | None = None, exclude: str | None = None) -> None:
-        recipients = self.rooms.get(room, ()) if room else self.clients
-        self._deliver(message, [cid for cid in recipients if cid != exclude])
+        if room is None:
+            self._deliver(message, [cid for cid in self.clients if cid != exclude])
+            return
+
+        def deliver() -> None:
+            recipients = [cid for cid in self.rooms.get(room, ()) if cid != exclude]
+            self._deliver(message, recipients, room_event=True)
+
+        self._in_room_order(room, deliver)
+
+    def _in_room_order(self, room: str, deliver: Callable[[], None]) -> None:
+        """Deliver a room event after the room's messages still being stored, so a room's
+        events arrive in the order they happened (a message, then its author's rename)."""
+        storing = self._storing.get(room)
+        if storing is None:
+            deliver()
+        else:
+            storing.add_done_callback(lambda _: deliver())
 
     async def broadcast_json(self, data: Any, room: str | None = None, exclude: str | None = None) -> None:
         await self.broadcast(protocol.encode(data), room, exclude)
 
-    def _deliver(self, text: str, recipients: Iterable[str]) -> None:
+    def _deliver(
+        self, text: str, recipients: Iterable[str], room_event: bool = False, message_id: int | None = None
+    ) -> None:
         """Append one encoded event to each recipient's outbox; close the ones that overflow.
 
-        `recipients` must be a snapshot: dropping a client below changes the live sets.
+        `recipients` must be a snapshot: dropping a client below changes the live sets. Room
+        events wait, with their `message_id`, for clients still catching up on history.
         """
         clients = self.clients
-        overflowed = [
-            client
-            for client_id in recipients
-            if (client := clients.get(client_id)) is not None and not client.outbox.put(text)
-        ]
+        limit = self.settings.outbox_limit
+        overflowed = []
+        for client_id in recipients:
+            client = clients.get(client_id)
+            if client is None:
+                continue
+            if room_event and client.held is not None:
+                client.held.append((message_id, text))
+                if len(client.held) > limit:
+                    overflowed.append(client)
+            elif not client.outbox.put(text):
+                overflowed.append(client)
         for client in overflowed:
-            reason = f"too slow: more than {self.settings.outbox_limit} events waiting"
+            reason = f"too slow: more than {limit} events waiting"
             self._drop(client.id, close=(CloseCode.TRY_AGAIN_LATER, reason))
 
     def _drop(self, client_id: str, close: tuple[int, str] | None = None) -> None:
@@ -127,8 +258,11 @@ class ChatManager(WebSocketManager):
             client.outbox.close(*close)
         if client.room is not None:
             self.leave_room(client_id, client.room)
-            left = protocol.user_left(client.username, client_id)
-            self._deliver(protocol.encode(left), tuple(self.rooms.get(client.room, ())))
+            left = protocol.encode(protocol.user_left(client.username, client_id))
+            room = client.room
+            self._in_room_order(
+                room, lambda: self._deliver(left, tuple(self.rooms.get(room, ())), room_event=True)
+            )
 
     # --- Lobby --------------------------------------------------------------------------------
 
@@ -171,6 +305,8 @@ class ChatManager(WebSocketManager):
         self._lobby_push.cancel()
         for client_id in list(self.clients):
             self._drop(client_id)
+        if self.history is not None:
+            await self.history.close()
 
 
 def default_username(client_id: str) -> str:

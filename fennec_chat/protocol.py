@@ -38,6 +38,9 @@ class ErrorCode:
     MESSAGE_TOO_LONG = "message_too_long"
     INVALID_USERNAME = "invalid_username"
     UNSUPPORTED_FRAME = "unsupported_frame"
+    INVALID_CLIENT_MSG_ID = "invalid_client_msg_id"
+    INVALID_SINCE = "invalid_since"
+    HISTORY_UNAVAILABLE = "history_unavailable"
 
 
 # --- Commands: what a client may ask of a chat room ------------------------------------------
@@ -46,6 +49,7 @@ class ErrorCode:
 @dataclass(frozen=True, slots=True)
 class SendMessage:
     text: str
+    client_msg_id: str | None = None  # the sender's own id for it, to make resending safe
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +90,7 @@ def parse_command(frame: dict[str, Any], settings: Settings) -> Command | Reject
 
     kind = data["type"]
     if kind == "message":
-        return _chat_message(data.get("message"), settings)
+        return _chat_message(data.get("message"), data.get("client_msg_id"), settings)
     if kind == "set_username":
         name = check_username(data.get("username"), settings)
         return name if isinstance(name, Rejection) else SetUsername(name)
@@ -98,6 +102,8 @@ def parse_command(frame: dict[str, Any], settings: Settings) -> Command | Reject
 # --- Validation ------------------------------------------------------------------------------
 
 ROOM_NAME = re.compile(r"[A-Za-z0-9._-]+")
+CLIENT_MSG_ID = re.compile(r"[!-~]{1,64}")
+EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Lone surrogates can arrive as JSON escapes ("\ud800") but cannot be encoded as UTF-8 again.
 _SURROGATES = re.compile("[\ud800-\udfff]")
 # Characters that reorder the text around them: a name could then display as someone else's.
@@ -124,7 +130,14 @@ def check_username(name: object, settings: Settings) -> str | Rejection:
     return name
 
 
-def _chat_message(message: object, settings: Settings) -> SendMessage | Rejection:
+def _chat_message(message: object, client_msg_id: object, settings: Settings) -> SendMessage | Rejection:
+    if client_msg_id is not None and not (
+        isinstance(client_msg_id, str) and CLIENT_MSG_ID.fullmatch(client_msg_id)
+    ):
+        return Rejection(
+            ErrorCode.INVALID_CLIENT_MSG_ID,
+            "client_msg_id must be 1-64 printable ASCII characters, no spaces",
+        )
     if not isinstance(message, str):
         return Rejection(ErrorCode.INVALID_MESSAGE, '"message" must be a string')
     text = message.strip().replace("\r\n", "\n")
@@ -136,7 +149,36 @@ def _chat_message(message: object, settings: Settings) -> SendMessage | Rejectio
         )
     if _SURROGATES.search(text) or any(_is_control(ch) and ch not in "\n\t" for ch in text):
         return Rejection(ErrorCode.INVALID_MESSAGE, "message must not contain control characters")
-    return SendMessage(text)
+    return SendMessage(text, client_msg_id)
+
+
+@dataclass(frozen=True, slots=True)
+class JoinRequest:
+    """What a client asks for in its connect URL: ?username=NAME&since=ID&epoch=EPOCH."""
+
+    username: str | None = None  # join under this name instead of the default one
+    since: int | None = None  # resume after this message id...
+    epoch: str | None = None  # ...of this history
+    problems: tuple[Rejection, ...] = ()  # parameters that were ignored, and why
+
+
+def parse_join(query: dict[str, str], settings: Settings) -> JoinRequest:
+    username, since, epoch, problems = None, None, None, []
+    if "username" in query:
+        checked = check_username(query["username"], settings)
+        if isinstance(checked, Rejection):
+            problems.append(checked)
+        else:
+            username = checked
+    raw_since, raw_epoch = query.get("since"), query.get("epoch")
+    if raw_since is not None:
+        if raw_since.isdigit() and len(raw_since) <= 18 and (raw_epoch is None or EPOCH.fullmatch(raw_epoch)):
+            since, epoch = int(raw_since), raw_epoch
+        else:
+            problems.append(
+                Rejection(ErrorCode.INVALID_SINCE, "since must be a message id and epoch an epoch")
+            )
+    return JoinRequest(username, since, epoch, tuple(problems))
 
 
 def _is_control(ch: str) -> bool:
@@ -189,12 +231,31 @@ def user_left(username: str, client_id: str) -> dict[str, Any]:
     }
 
 
-def chat_message(username: str, text: str, client_id: str) -> dict[str, Any]:
-    return {
+def chat_message(
+    username: str, text: str, client_id: str, client_msg_id: str | None = None
+) -> dict[str, Any]:
+    event = {
         "type": "message",
         "username": username,
         "message": text,
         "client_id": client_id,
+        "timestamp": now(),
+    }
+    if client_msg_id is not None:
+        event["client_msg_id"] = client_msg_id
+    return event
+
+
+def history(
+    room: str, messages: list[dict[str, Any]], epoch: str, truncated: bool, reset: bool
+) -> dict[str, Any]:
+    return {
+        "type": "history",
+        "room": room,
+        "messages": messages,
+        "truncated": truncated,
+        "epoch": epoch,
+        "reset": reset,
         "timestamp": now(),
     }
 

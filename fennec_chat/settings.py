@@ -9,7 +9,10 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+DEFAULT_DB = str(Path(__file__).resolve().parent.parent / "chat.db")  # beside server.py
 
 
 def setting(default: Any, env: str, help: str) -> Any:
@@ -44,6 +47,19 @@ class Settings:
     )
     ping_timeout: float = setting(
         20.0, "CHAT_PING_TIMEOUT", "seconds to wait for a pong before dropping a client"
+    )
+    history: bool = setting(
+        True, "CHAT_HISTORY", "keep message history (--no-history: none, no ids, no resume)"
+    )
+    db: str = setting(
+        DEFAULT_DB, "CHAT_DB", "SQLite file for the history; ':memory:' keeps it in memory only"
+    )
+    history_retention: int = setting(
+        1000, "CHAT_HISTORY_RETENTION", "messages kept per room (older ones are pruned)"
+    )
+    history_on_join: int = setting(50, "CHAT_HISTORY_ON_JOIN", "messages a newcomer receives in `history`")
+    history_resume_max: int = setting(
+        500, "CHAT_HISTORY_RESUME_MAX", "most messages sent to a client resuming with ?since="
     )
     ws_compression: bool = setting(
         False,
@@ -112,10 +128,17 @@ class Settings:
             "max_room_chars",
             "max_frame_bytes",
             "outbox_limit",
+            "history_retention",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("lobby_interval", "ping_interval", "ping_timeout"):
+        for name in (
+            "lobby_interval",
+            "ping_interval",
+            "ping_timeout",
+            "history_on_join",
+            "history_resume_max",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
 

@@ -13,6 +13,7 @@ from websockets.exceptions import ConnectionClosed
 class ChatClient:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
+        self.history: dict[str, Any] | None = None
 
     @classmethod
     async def connect(cls, url: str, **kwargs: Any) -> ChatClient:
@@ -59,10 +60,15 @@ class ChatClient:
             return
         raise AssertionError(f"unexpected event: {data}")
 
-    async def joined(self) -> tuple[str, dict[str, Any]]:
-        """Read the welcome and presence events a newcomer gets; return (client_id, presence)."""
+    async def joined(self, history: bool = True) -> tuple[str, dict[str, Any]]:
+        """Read what a newcomer gets (system, presence, history); return (client_id, presence).
+
+        The history event is kept in `self.history`.
+        """
         welcome = await self.expect("system")
         presence = await self.expect("presence")
+        if history:
+            self.history = await self.expect("history")
         return welcome["client_id"], presence
 
     async def close_code(self, timeout: float = 5) -> tuple[int | None, str | None]:

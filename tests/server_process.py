@@ -31,6 +31,11 @@ class ServerProcess:
         self.port = port or free_port()
         self.log_path = log_path
         self.args = args if "PORT" in env else ["--port", str(self.port), *args]
+        if "--db" not in args and "CHAT_DB" not in env:
+            self.db_path = log_path.with_suffix(".db")
+            for stale in log_path.parent.glob(log_path.stem + ".db*"):
+                stale.unlink()
+            self.args += ["--db", str(self.db_path)]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -25,6 +25,7 @@ async def test_newcomer_gets_welcome_then_presence_with_itself(server, room):
     presence = await alice.expect("presence", room=room)
     assert presence["users"] == [{"client_id": welcome["client_id"], "username": "alice"}]
     assert_recent_utc(presence["timestamp"])
+    await alice.expect("history", room=room, messages=[])
     await alice.close()
 
 
@@ -96,7 +97,7 @@ async def test_a_message_reaches_everyone_in_the_room_including_the_sender(serve
     await alice.send(type="message", message="  Hello, world!  ")
     for member in (alice, bob):
         event = await member.expect("message", username="alice", message="Hello, world!", client_id=alice_id)
-        assert set(event) == {"type", "username", "message", "client_id", "timestamp"}
+        assert set(event) == {"type", "username", "message", "client_id", "timestamp", "id"}
         assert_recent_utc(event["timestamp"])
     await alice.close()
     await bob.close()

@@ -51,6 +51,7 @@ async def exchange(server: ServerProcess, frames: list[dict]) -> None:
     await bystander.joined()
     await fuzzer.expect("user_joined")
     name = "fuzzer"
+    accepted: dict[str, str] = {}  # client_msg_id → text of the message first sent with it
 
     for number, frame in enumerate(frames):
         expected = protocol.parse_command(frame, SETTINGS)
@@ -63,11 +64,18 @@ async def exchange(server: ServerProcess, frames: list[dict]) -> None:
         if isinstance(expected, Rejection):
             assert [(e["type"], e["code"]) for e in to_fuzzer] == [("error", expected.code)]
             assert to_bystander == []
+        elif isinstance(expected, SendMessage) and expected.client_msg_id in accepted:
+            # A resend: the original comes back to the sender alone, as its receipt.
+            original = accepted[expected.client_msg_id]
+            assert [(e["type"], e["message"]) for e in to_fuzzer] == [("message", original)]
+            assert to_bystander == []
         elif isinstance(expected, SendMessage):
             for events in (to_fuzzer, to_bystander):
                 assert [(e["type"], e["message"], e["client_id"]) for e in events] == [
                     ("message", expected.text, fuzzer_id)
                 ]
+            if expected.client_msg_id is not None:
+                accepted[expected.client_msg_id] = expected.text
         elif isinstance(expected, SetUsername):
             announced = [] if expected.username == name else [("username_changed", name, expected.username)]
             for events in (to_fuzzer, to_bystander):

@@ -269,9 +269,10 @@ async def test_the_page_reconnects_after_a_restart_and_delivers_what_was_written
     browser, request, room
 ):
     server = ServerProcess([], {}, log_path(f"{request.node.name}-first")).start()
-    alice = await ChatPage.open(browser, page_url(server, room))
-    await alice.set_name("Alice")
-    bob = await ChatPage.open(browser, page_url(server, room))
+    alice = await ChatPage.open(browser, page_url(server, room), name="Alice")
+    bob = await ChatPage.open(browser, page_url(server, room), name="Bob")
+    await bob.say("before the restart")
+    await expect(alice.message_with("before the restart")).to_be_visible()
 
     server.stop()
     await expect(alice.status).to_have_attribute("data-state", re.compile("reconnecting|connecting"))
@@ -281,23 +282,97 @@ async def test_the_page_reconnects_after_a_restart_and_delivers_what_was_written
     pending = alice.message_with("written while the server was down")
     await expect(pending).to_have_class(re.compile("pending"))
 
-    # Pin the order: Bob retries at once, Alice only after ~10 s (the top of the backoff), so
-    # Bob is back in the room when Alice's queued message goes out.
-    await bob.page.evaluate("Math.random = () => 0.01")
-    await alice.page.evaluate("Math.random = () => 0.999; chat.attempt = 10")
-    await expect(alice.page.locator("#status-text")).to_have_text("Reconnecting in 10 s")
-
-    restarted = ServerProcess([], {}, log_path(f"{request.node.name}-second"), port=server.port).start()
+    # Same port, same database. The two pages come back in whatever order their backoff
+    # picks; Bob resumes from his last message id, so he gets Alice's message either way.
+    restarted = ServerProcess(
+        ["--db", str(server.db_path)], {}, log_path(f"{request.node.name}-2"), port=server.port
+    )
+    restarted.start()
     try:
-        await bob.wait_connected(timeout=5_000)
         await alice.wait_connected(timeout=15_000)
-        await expect(bob.message_with("written while the server was down")).to_be_visible()
+        await bob.wait_connected(timeout=15_000)
         await expect(pending).not_to_have_class(re.compile("pending"))
         await expect(bob.message_with("written while the server was down")).to_have_count(1)
+        await expect(alice.message_with("written while the server was down")).to_have_count(1)
+        for person in (alice, bob):
+            await expect(person.message_with("before the restart")).to_have_count(1)
         await alice.close()
         await bob.close()
     finally:
         restarted.stop()
+
+
+async def test_a_reload_keeps_the_conversation_without_duplicates(browser, server, room):
+    alice = await ChatPage.open(browser, page_url(server, room), name="Alice")
+    bob = await ChatPage.open(browser, page_url(server, room), name="Bob")
+    await alice.say("first from Alice")
+    await expect(bob.message_with("first from Alice")).to_be_visible()
+    await bob.say("reply from Bob")
+    await expect(alice.message_with("reply from Bob")).to_be_visible()
+
+    await alice.page.reload()
+    await alice.wait_connected()
+    await expect(alice.page.locator("#messages .divider")).to_have_text("Earlier messages")
+    await expect(alice.messages.locator(".text")).to_have_text(["first from Alice", "reply from Bob"])
+    await expect(alice.message_with("first from Alice")).to_have_class(re.compile(r"\bown\b"))  # still ours
+    await expect(alice.message_with("reply from Bob")).not_to_have_class(re.compile(r"\bown\b"))
+    await bob.say("after the reload")
+    await expect(alice.messages.locator(".text")).to_have_text(
+        ["first from Alice", "reply from Bob", "after the reload"]
+    )
+    await expect(bob.messages).to_have_count(3)
+    await alice.close()
+    await bob.close()
+
+
+async def test_a_reconnect_resumes_with_exactly_the_missed_messages(browser, request, room):
+    server = ServerProcess([], {}, log_path(f"{request.node.name}-first")).start()
+    alice = await ChatPage.open(browser, page_url(server, room), name="Alice")
+    await alice.say("one")
+    await expect(alice.message_with("one")).not_to_have_class(re.compile("pending"))
+    server.stop()
+    await expect(alice.page.locator("#retry-button")).to_be_visible()
+
+    restarted = ServerProcess(
+        ["--db", str(server.db_path)], {}, log_path(f"{request.node.name}-2"), port=server.port
+    )
+    restarted.start()
+    try:
+        # Before Alice is back, someone else talks.
+        await alice.page.evaluate("chat.attempt = 10")
+        writer = await restarted.connect(f"/ws/chat/{room}?username=Writer")
+        await writer.joined()
+        for text in ("two", "three"):
+            await writer.send(type="message", message=text)
+        await alice.page.evaluate("chat.retrySoon()")  # unless it is back already
+        await alice.wait_connected()
+        await expect(alice.messages.locator(".text")).to_have_text(["one", "two", "three"])
+        await expect(alice.page.locator("#messages .divider")).to_have_count(0)  # nothing to re-introduce
+        await writer.close()
+        await alice.close()
+    finally:
+        restarted.stop()
+
+
+async def test_a_different_history_replaces_what_the_page_shows(browser, request, room):
+    server = ServerProcess([], {}, log_path(f"{request.node.name}-first")).start()
+    alice = await ChatPage.open(browser, page_url(server, room))
+    await alice.say("from the old history")
+    await expect(alice.message_with("from the old history")).not_to_have_class(re.compile("pending"))
+    server.stop()
+    # The store is replaced: a new database file, so a new epoch.
+    replaced = ServerProcess([], {}, log_path(f"{request.node.name}-second"), port=server.port).start()
+    try:
+        writer = await replaced.connect(f"/ws/chat/{room}?username=Writer")
+        await writer.joined()
+        await writer.send(type="message", message="from the new history")
+        await alice.page.evaluate("chat.retrySoon()")  # unless it is back already
+        await alice.wait_connected()
+        await expect(alice.messages.locator(".text")).to_have_text(["from the new history"])
+        await writer.close()
+        await alice.close()
+    finally:
+        replaced.stop()
 
 
 async def test_retry_now_reconnects_at_once(browser, request, room):

@@ -23,7 +23,11 @@ json_values = st.recursive(
 )
 command_like = st.fixed_dictionaries(
     {"type": st.sampled_from(["message", "set_username", "typing", "kick", "", "MESSAGE"]) | st.text()},
-    optional={"message": json_values, "username": json_values},
+    optional={
+        "message": json_values,
+        "username": json_values,
+        "client_msg_id": st.sampled_from(["a", "b", "msg-1"]) | st.text(max_size=70) | json_values,
+    },
 )
 tricky_texts = st.sampled_from(
     [
@@ -116,3 +120,32 @@ def test_events_are_encoded_compactly_and_keep_unicode():
 
 def test_timestamps_are_utc_with_an_offset():
     assert protocol.now().endswith("+00:00")
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({}, protocol.JoinRequest()),
+        ({"username": " Ann "}, protocol.JoinRequest(username="Ann")),
+        ({"since": "12", "epoch": "a1b2"}, protocol.JoinRequest(since=12, epoch="a1b2")),
+        ({"since": "0"}, protocol.JoinRequest(since=0)),
+    ],
+)
+def test_join_requests_are_read_from_the_connect_url(query, expected):
+    assert protocol.parse_join(query, SETTINGS) == expected
+
+
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [
+        ({"username": "x" * 33}, "invalid_username"),
+        ({"since": "-1"}, "invalid_since"),
+        ({"since": "1e3"}, "invalid_since"),
+        ({"since": "9" * 19}, "invalid_since"),
+        ({"since": "3", "epoch": "no spaces allowed"}, "invalid_since"),
+    ],
+)
+def test_bad_join_parameters_are_ignored_with_a_reason(query, code):
+    join = protocol.parse_join(query, SETTINGS)
+    assert (join.username, join.since, join.epoch) == (None, None, None)
+    assert [problem.code for problem in join.problems] == [code]

@@ -1,0 +1,301 @@
+"""Message history: every chat message is numbered and stored before anyone sees it.
+
+`History` is the small interface the room manager needs (append, recent N, since an id);
+`SQLiteHistory` is the embedded default. A message is broadcast only after its transaction
+has committed, so a message any client received is in the history after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import secrets
+import sqlite3
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from .protocol import encode
+from .settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A message as stored: with its `id`, encoded once for every recipient."""
+
+    event: dict[str, Any]
+    text: str
+    duplicate: bool = False  # an earlier message had this client_msg_id; `event` is that one
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Some of a room's history, oldest first."""
+
+    messages: list[dict[str, Any]]
+    epoch: str
+    truncated: bool  # older messages exist that are not in `messages`
+    reset: bool = False  # the client's `since` belonged to another history: start over
+
+
+@dataclass(frozen=True, slots=True)
+class RoomState:
+    epoch: str
+    last_id: int
+
+
+class History(ABC):
+    """Where a room's messages are kept; ids increase by one per message within a room."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Open the store; raise with a clear message if it cannot be used."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Finish pending writes and release the store."""
+
+    @abstractmethod
+    def append(self, room: str, event: dict[str, Any]) -> asyncio.Future[Stored]:
+        """Number and store `event` (or find the earlier one with its client_msg_id).
+
+        Returns at once; the future resolves once the message is stored. Futures resolve in
+        the order of their appends, so callbacks added to them run in message id order.
+        """
+
+    @abstractmethod
+    async def room_state(self, room: str) -> RoomState:
+        """The room's epoch (made on first use) and its last message id."""
+
+    @abstractmethod
+    async def messages(self, room: str, after_id: int, limit: int) -> list[dict[str, Any]]:
+        """Up to `limit` of the newest messages with an id above `after_id`, oldest first."""
+
+    async def recent(self, room: str, limit: int) -> Page:
+        state = await self.room_state(room)
+        return await self._page(room, state, after_id=0, limit=limit)
+
+    async def since(self, room: str, after_id: int, epoch: str | None, limit: int) -> Page:
+        """What a reconnecting client missed; `reset` if its position is not in this history."""
+        state = await self.room_state(room)
+        if (epoch is not None and epoch != state.epoch) or after_id > state.last_id:
+            page = await self._page(room, state, after_id=0, limit=limit)
+            return Page(page.messages, page.epoch, page.truncated, reset=True)
+        return await self._page(room, state, after_id=after_id, limit=limit)
+
+    async def _page(self, room: str, state: RoomState, after_id: int, limit: int) -> Page:
+        messages = await self.messages(room, after_id, limit) if limit > 0 else []
+        first_kept = messages[0]["id"] if messages else state.last_id + 1
+        # Anything between the client's position and the first message we send is a gap.
+        truncated = first_kept > after_id + 1 and state.last_id > after_id
+        return Page(messages, state.epoch, truncated)
+
+
+def open_history(settings: Settings) -> History | None:
+    """The history the settings ask for (not started yet), or None with --no-history."""
+    if not settings.history:
+        return None
+    return SQLiteHistory(settings.db, settings.history_retention)
+
+
+# --- SQLite ------------------------------------------------------------------------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rooms (
+    room    TEXT PRIMARY KEY,
+    epoch   TEXT NOT NULL,
+    last_id INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    room          TEXT NOT NULL,
+    id            INTEGER NOT NULL,
+    client_msg_id TEXT,
+    event         TEXT NOT NULL,
+    PRIMARY KEY (room, id)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_client_msg_id
+    ON messages (room, client_msg_id) WHERE client_msg_id IS NOT NULL;
+"""
+
+
+@dataclass(slots=True)
+class _Job:
+    kind: str  # "append", "state", "messages" or "stop"
+    args: tuple
+    future: asyncio.Future | None = field(default=None)
+
+
+class SQLiteHistory(History):
+    """History in one SQLite file (or in memory), written by one thread of its own.
+
+    The event loop never touches the database: it queues jobs and awaits their futures. The
+    writer thread takes every job waiting in the queue at once and commits all the appends
+    among them in one transaction, so under load many messages share one commit.
+    """
+
+    def __init__(self, path: str, retention: int) -> None:
+        self.path = path
+        self.retention = retention
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rooms: dict[str, RoomState] = {}  # owned by the writer thread
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="chat-history", daemon=True)
+        self._thread.start()
+        try:
+            await ready
+        except Exception as error:
+            self._thread = None
+            raise RuntimeError(
+                f"cannot open the history database {self.path!r}: {error} "
+                "(is another chat server using it? --db picks another file, --no-history none)"
+            ) from error
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(_Job("stop", ()))
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def append(self, room: str, event: dict[str, Any]) -> asyncio.Future[Stored]:
+        return self._submit("append", room, event)
+
+    async def room_state(self, room: str) -> RoomState:
+        return await self._submit("state", room)
+
+    async def messages(self, room: str, after_id: int, limit: int) -> list[dict[str, Any]]:
+        return await self._submit("messages", room, after_id, limit)
+
+    def _submit(self, kind: str, *args: Any) -> asyncio.Future:
+        if self._thread is None:
+            raise RuntimeError("history is not open")
+        future = asyncio.get_running_loop().create_future()
+        self._jobs.put(_Job(kind, args, future))
+        return future
+
+    # --- The writer thread ----------------------------------------------------------------
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        try:
+            db = self._open()
+        except Exception as error:
+            self._resolve([(ready, None, error)])
+            return
+        self._resolve([(ready, None, None)])
+        try:
+            while True:
+                jobs = [self._jobs.get()]
+                while not self._jobs.empty():
+                    jobs.append(self._jobs.get_nowait())
+                stopping = any(job.kind == "stop" for job in jobs)
+                self._resolve(self._work(db, [job for job in jobs if job.kind != "stop"]))
+                if stopping:
+                    return
+        finally:
+            db.close()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode = WAL")
+        # NORMAL: a commit is in the WAL file before we broadcast; it survives the process being
+        # killed (only a power cut may lose the last transactions).
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("PRAGMA busy_timeout = 2000")
+        # One server per file: a second process gets "database is locked" at start, not later.
+        db.execute("PRAGMA locking_mode = EXCLUSIVE")
+        db.executescript(SCHEMA)
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("COMMIT")
+        return db
+
+    def _work(self, db: sqlite3.Connection, jobs: list[_Job]) -> list[tuple]:
+        results: list[tuple] = []
+        appends = [job for job in jobs if job.kind == "append"]
+        if appends:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                stored = [self._append(db, *job.args) for job in appends]
+                for room in {job.args[0] for job in appends}:
+                    self._save_last_id_and_prune(db, room)
+                db.execute("COMMIT")
+                results += [(job.future, result, None) for job, result in zip(appends, stored, strict=True)]
+            except Exception as error:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                self._rooms.clear()  # ids handed out in the failed batch are free again
+                results += [(job.future, None, error) for job in appends]
+        for job in jobs:
+            if job.kind == "append":
+                continue
+            try:
+                if job.kind == "state":
+                    result: Any = self._state(db, job.args[0])
+                else:
+                    result = self._messages(db, *job.args)
+                results.append((job.future, result, None))
+            except Exception as error:
+                results.append((job.future, None, error))
+        return results
+
+    def _state(self, db: sqlite3.Connection, room: str) -> RoomState:
+        state = self._rooms.get(room)
+        if state is None:
+            row = db.execute("SELECT epoch, last_id FROM rooms WHERE room = ?", (room,)).fetchone()
+            if row is None:
+                # A room's history starts now: a new epoch tells clients it is not the old one.
+                state = RoomState(secrets.token_hex(8), 0)
+                db.execute("INSERT INTO rooms VALUES (?, ?, ?)", (room, state.epoch, state.last_id))
+            else:
+                state = RoomState(*row)
+            self._rooms[room] = state
+        return state
+
+    def _append(self, db: sqlite3.Connection, room: str, event: dict[str, Any]) -> Stored:
+        state = self._state(db, room)
+        message_id = state.last_id + 1
+        stored_event = {**event, "id": message_id}
+        text = encode(stored_event)
+        client_msg_id = event.get("client_msg_id")
+        try:
+            db.execute("INSERT INTO messages VALUES (?, ?, ?, ?)", (room, message_id, client_msg_id, text))
+        except sqlite3.IntegrityError:
+            # The unique index says this client_msg_id was accepted before: a resend.
+            (original,) = db.execute(
+                "SELECT event FROM messages WHERE room = ? AND client_msg_id = ?", (room, client_msg_id)
+            ).fetchone()
+            return Stored(json.loads(original), original, duplicate=True)
+        self._rooms[room] = RoomState(state.epoch, message_id)
+        return Stored(stored_event, text)
+
+    def _save_last_id_and_prune(self, db: sqlite3.Connection, room: str) -> None:
+        last_id = self._rooms[room].last_id
+        db.execute("UPDATE rooms SET last_id = ? WHERE room = ?", (last_id, room))
+        db.execute("DELETE FROM messages WHERE room = ? AND id <= ?", (room, last_id - self.retention))
+
+    def _messages(self, db: sqlite3.Connection, room: str, after_id: int, limit: int) -> list[dict[str, Any]]:
+        rows = db.execute(
+            "SELECT event FROM messages WHERE room = ? AND id > ? ORDER BY id DESC LIMIT ?",
+            (room, after_id, limit),
+        ).fetchall()
+        return [json.loads(text) for (text,) in reversed(rows)]
+
+    def _resolve(self, results: list[tuple]) -> None:
+        """Hand results to the event loop in one callback, so waiters resume in append order."""
+        if results and self._loop is not None:
+            self._loop.call_soon_threadsafe(_set_results, results)
+
+
+def _set_results(results: list[tuple]) -> None:
+    for future, result, error in results:
+        if future is None or future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
