@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -57,7 +58,7 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
     manager.join_room(client_id, room)
 
     await manager.send_json(client_id, protocol.welcome(room, client_id))
-    await manager.send_json(client_id, protocol.presence(room, manager.members(room)))
+    await manager.send_json(client_id, protocol.presence(room, await manager.members(room)))
     # Earlier messages (or just the missed ones), then live ones: no gap, nothing twice.
     await manager.send_history(client_id, room, join.since, join.epoch)
     for problem in join.problems:
@@ -140,8 +141,12 @@ async def chat_page(request: Request) -> Response:
 
 @http_router.get("/health")
 async def health(request: Request) -> Response:
-    body = {"status": "ok", **manager.stats(), "tasks": len(asyncio.all_tasks())}
-    return Response(json.dumps(body), headers={"content-type": "application/json"})
+    stats = manager.stats()
+    # 503 while the backplane (Redis) is away, so that a load balancer can send people elsewhere.
+    healthy = stats["backplane"]["connected"]
+    body = {"status": "ok" if healthy else "degraded", **stats, "tasks": len(asyncio.all_tasks())}
+    headers = {"content-type": "application/json"}
+    return Response(json.dumps(body), status_code=200 if healthy else 503, headers=headers)
 
 
 # --- The application ---------------------------------------------------------------------------
@@ -157,20 +162,19 @@ app.on_shutdown.append(manager.shutdown)
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings.apply_flags(sys.argv[1:] if argv is None else argv)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        lifespan="on",
-        ws="websockets-sansio",
-        ws_max_size=settings.max_frame_bytes,
-        ws_per_message_deflate=settings.ws_compression,
-        ws_ping_interval=settings.ping_interval or None,
-        ws_ping_timeout=settings.ping_timeout or None,
-        timeout_graceful_shutdown=5,
-        log_config=log_config(),
-    )
+    options = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "lifespan": "on",
+        "ws": "websockets-sansio",
+        "ws_max_size": settings.max_frame_bytes,
+        "ws_per_message_deflate": settings.ws_compression,
+        "ws_ping_interval": settings.ping_interval or None,
+        "ws_ping_timeout": settings.ping_timeout or None,
+        "timeout_graceful_shutdown": 5,
+        "log_config": log_config(),
+    }
     print_addresses(settings.host, settings.port)
 
     # On Ctrl-C or SIGTERM uvicorn sends every socket a close frame (1012, "service restart"),
@@ -178,7 +182,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     # success, so the re-raised signal lands on a handler that does nothing and we exit 0.
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, lambda *_: None)
-    server = uvicorn.Server(config)
+    if settings.workers > 1:
+        # Each worker imports this file afresh and reads its settings from the environment.
+        settings.export_to(os.environ)
+        uvicorn.run("server:app", workers=settings.workers, app_dir=str(Path(__file__).parent), **options)
+        return
+    server = uvicorn.Server(uvicorn.Config(app, **options))
     server.run()
     sys.exit(0 if server.started else 1)
 

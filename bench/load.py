@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -24,22 +25,28 @@ class Room:
         await asyncio.gather(*(member.close() for member in self.members), return_exceptions=True)
 
 
-async def open_room(server: Server, size: int, compression: str | None = None, parallel: int = 100) -> Room:
-    """`size` clients in a fresh room, every one ready (it has seen a message sent after it joined)."""
+async def open_room(
+    servers: Server | list[Server], size: int, compression: str | None = None, parallel: int = 100
+) -> Room:
+    """`size` clients in a fresh room, every one ready (it has seen a message sent after it joined).
+
+    With several servers, the clients are spread over them in turn; the first is on the first.
+    """
     name = f"bench-{uuid.uuid4().hex[:10]}"
     gate = asyncio.Semaphore(parallel)
+    servers = servers if isinstance(servers, list) else [servers]
 
-    async def join() -> ClientConnection:
+    async def join(number: int) -> ClientConnection:
         async with gate:
             return await connect(
-                f"{server.url}/ws/chat/{name}",
+                f"{servers[number % len(servers)].url}/ws/chat/{name}",
                 compression=compression,
                 max_size=None,
                 max_queue=None,
                 open_timeout=60,
             )
 
-    members = list(await asyncio.gather(*(join() for _ in range(size))))
+    members = list(await asyncio.gather(*(join(number) for number in range(size))))
     room = Room(name, members)
     await broadcast_and_wait(room, members[0], f"{MARK}ready")
     return room
@@ -69,9 +76,10 @@ async def wait_for_text(ws: ClientConnection, text: str) -> None:
         pass
 
 
-async def fan_out(server: Server, room: Room, messages: int, window: int) -> dict:
+async def fan_out(room: Room, messages: int, window: int, cpu_seconds: Callable[[], float]) -> dict:
     """The first member sends `messages` as fast as `window` unanswered ones allow; everyone
-    (the sender too) must receive them all. Reports deliveries per second and server CPU per delivery."""
+    (the sender too) must receive them all. Reports deliveries per second and the CPU time
+    per delivery of the server side (`cpu_seconds`: all its processes, from /proc)."""
     sender = room.members[0]
     echoed = 0
     echo = asyncio.Event()
@@ -86,7 +94,7 @@ async def fan_out(server: Server, room: Room, messages: int, window: int) -> dic
                 echoed += count
                 echo.set()
 
-    cpu_before, started = server.cpu_seconds(), time.perf_counter()
+    cpu_before, started = cpu_seconds(), time.perf_counter()
     receivers = [asyncio.create_task(receive(ws, ws is sender)) for ws in room.members]
     for number in range(messages):
         while number - echoed >= window:
@@ -98,7 +106,7 @@ async def fan_out(server: Server, room: Room, messages: int, window: int) -> dic
             json.dumps({"type": "message", "message": text, "client_msg_id": f"{room.name}-{number}"})
         )
     await asyncio.gather(*receivers)
-    elapsed, cpu = time.perf_counter() - started, server.cpu_seconds() - cpu_before
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu_before
     deliveries = messages * len(room.members)
     return {
         "deliveries_per_s": deliveries / elapsed,

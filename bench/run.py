@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from bench.load import fan_out, open_room
-from bench.servers import Server, chat_server, temporary_db
+from bench.servers import Server, chat_server, redis_server, temporary_db
 
 
 @dataclass
@@ -63,7 +63,7 @@ async def history_throughput(args: argparse.Namespace) -> Report:
     async def run_once(server: Server) -> dict:
         room = await open_room(server, 11)
         try:
-            return await fan_out(server, room, messages=messages, window=50)
+            return await fan_out(room, messages=messages, window=50, cpu_seconds=server.cpu_seconds)
         finally:
             await room.close()
 
@@ -90,8 +90,53 @@ async def history_throughput(args: argparse.Namespace) -> Report:
     return report
 
 
+async def redis_scale(args: argparse.Namespace) -> Report:
+    """Fan-out in one process against two processes sharing the room through Redis."""
+    redis = redis_server().start()
+    url = f"redis://127.0.0.1:{redis.port}/0"
+    single = chat_server("--db", temporary_db(), name="1 process (SQLite history)").start()
+    pair = [chat_server("--redis-url", url, name=f"redis process {n}").start() for n in (1, 2)]
+    receivers = 20 if args.quick else 100
+    messages = 100 if args.quick else 1000
+
+    def cpu_of(servers: list[Server]) -> Callable[[], float]:
+        return lambda: sum(server.cpu_seconds() for server in servers)
+
+    results: dict[str, list[dict]] = {"1 process": [], "2 processes + Redis": []}
+    try:
+        for number in range(args.rounds):
+            setups = [("1 process", [single], [single]), ("2 processes + Redis", pair, [*pair, redis])]
+            for name, serving, measured in setups if number % 2 == 0 else reversed(setups):
+                room = await open_room(serving, receivers + 1)
+                try:
+                    results[name].append(
+                        await fan_out(room, messages, window=20, cpu_seconds=cpu_of(measured))
+                    )
+                finally:
+                    await room.close()
+    finally:
+        for server in [single, *pair, redis]:
+            server.stop()
+    report = Report(f"redis: 1 sender + {receivers} receivers, {messages} messages, window 20")
+    for name, rounds in results.items():
+        report.rows.append(
+            {
+                "server": name,
+                "deliveries_per_s": round(median_of(rounds, "deliveries_per_s")),
+                "cpu_us_per_delivery": round(median_of(rounds, "cpu_us_per_delivery"), 2),
+            }
+        )
+    ratios = [
+        spread["deliveries_per_s"] / alone["deliveries_per_s"]
+        for spread, alone in zip(results["2 processes + Redis"], results["1 process"], strict=True)
+    ]
+    report.summary = {"deliveries_two_vs_one": round(statistics.median(ratios), 3)}
+    return report
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace], Awaitable[Report]]] = {
     "history": history_throughput,
+    "redis": redis_scale,
 }
 
 

@@ -83,3 +83,8 @@ def chat_server(*flags: str, name: str = "fennec-chat") -> Server:
 
 def temporary_db() -> str:
     return str(Path(tempfile.mkdtemp(prefix="chat-bench-")) / "bench.db")
+
+
+def redis_server() -> Server:
+    """A throwaway redis-server (no persistence) for the Redis workloads."""
+    return Server("redis-server", ["redis-server", "--port", "{port}", "--save", "", "--appendonly", "no"])

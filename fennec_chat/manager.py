@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from fennec import WebSocket, WebSocketManager
 
 from . import protocol
-from .history import History, open_history
+from .backplane import Backplane, BackplaneUnavailable, LocalBackplane, RoomEvent, open_backplane
+from .history import History, Stored
 from .outbox import Outbox
 from .protocol import CloseCode, ErrorCode
 from .settings import Settings
@@ -42,22 +43,30 @@ class ChatManager(WebSocketManager):
     set, so one slow or vanished client stalls or breaks everyone's delivery. Here every
     delivery is a non-blocking append to the recipient's `Outbox`, over a snapshot of the
     recipients, and a client that falls too far behind is closed instead of waited for.
+
+    Room events go out through the backplane and come back to `_deliver_room_event`: on one
+    process at once, with Redis after a round trip that puts every process in the same order.
     """
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__()  # connections: id → WebSocket; rooms: name → set of ids
+        super().__init__()  # connections: id → WebSocket; rooms: name → set of ids (this process)
         self.settings = settings
         self.clients: dict[str, Client] = {}
         self.lobby_watchers: set[str] = set()
-        self.history: History | None = None
-        self._storing: dict[str, asyncio.Future] = {}  # room → its newest message still being stored
+        self.backplane: Backplane = LocalBackplane(history=None)  # replaced by start()
+        self._resyncing: asyncio.Task | None = None
         self._lobby_push = Throttle(settings.lobby_interval, self._push_rooms_update)
 
+    @property
+    def history(self) -> History | None:
+        return self.backplane.history
+
     async def start(self) -> None:
-        """Open the message history the settings ask for."""
-        self.history = open_history(self.settings)
-        if self.history is not None:
-            await self.history.start()
+        """Open the backplane (and through it the message history) the settings ask for."""
+        self.backplane = open_backplane(self.settings)
+        await self.backplane.start(
+            self._deliver_room_event, self._lobby_changed, self._backplane_state_changed
+        )
 
     # --- Connections (Fennec's API, extended) -------------------------------------------------
 
@@ -81,10 +90,12 @@ class ChatManager(WebSocketManager):
         client.room = room
         if self.history is not None:
             client.held = []
+        self.backplane.join(room, client_id, client.username, first_here=len(self.rooms[room]) == 1)
         self._lobby_changed()
 
     def leave_room(self, client_id: str, room: str) -> None:
         super().leave_room(client_id, room)
+        self.backplane.leave(room, client_id, last_here=room not in self.rooms)
         self._lobby_changed()
 
     # --- Usernames ----------------------------------------------------------------------------
@@ -97,14 +108,16 @@ class ChatManager(WebSocketManager):
         client = self.clients[client_id]
         old_name, client.username = client.username, new_name
         if client.room is not None:
+            self.backplane.rename(client.room, client_id, new_name)
             self._lobby_changed()
         return old_name
 
-    def members(self, room: str) -> list[dict[str, str]]:
-        """Everyone in `room` as {client_id, username}, ordered by name."""
-        users = [
-            {"client_id": cid, "username": self.clients[cid].username} for cid in self.rooms.get(room, ())
-        ]
+    async def members(self, room: str) -> list[dict[str, str]]:
+        """Everyone in `room` (on every process) as {client_id, username}, ordered by name."""
+        await self.backplane.ready(room)
+        everyone = await self.backplane.members(room)
+        everyone.update({cid: self.clients[cid].username for cid in self.rooms.get(room, ())})
+        users = [{"client_id": cid, "username": name} for cid, name in everyone.items()]
         return sorted(users, key=lambda user: (user["username"].casefold(), user["client_id"]))
 
     # --- History ------------------------------------------------------------------------------
@@ -113,42 +126,35 @@ class ChatManager(WebSocketManager):
         """Number and store a chat message, then send it to everyone in the room.
 
         Storing first means a client that reconnects with ?since= finds every message anyone
-        saw. The fan-out runs as a callback of the stored message's future; those resolve in
-        id order, so every client sees a room's messages in id order. The sender does not wait
-        for the commit (its next messages can share it) unless it has many in flight.
+        saw; the backplane sends a room's messages in id order. The sender does not wait for
+        the commit (its next messages can share it) unless it has many in flight.
         """
-        if self.history is None:
-            await self.broadcast_json(event, room=room)
-            return
-        stored = self.history.append(room, event)
-        stored.add_done_callback(functools.partial(self._fan_out_stored, room, sender, event))
-        self._storing[room] = stored
+        stored = self.backplane.publish_message(room, event)
+        stored.add_done_callback(functools.partial(self._after_publish, sender, event))
         client = self.clients.get(sender)
         if client is not None:
             client.in_flight += 1
             if client.in_flight > MAX_IN_FLIGHT:
                 await asyncio.wait([stored])
 
-    def _fan_out_stored(self, room: str, sender: str, event: dict[str, Any], stored: asyncio.Future) -> None:
+    def _after_publish(self, sender: str, event: dict[str, Any], stored: asyncio.Future[Stored]) -> None:
         if (client := self.clients.get(sender)) is not None:
             client.in_flight -= 1
-        if self._storing.get(room) is stored:
-            del self._storing[room]
-        if stored.cancelled() or stored.exception() is not None:
-            logger.error("could not store a message for room %s: %r", room, stored.exception())
-            error = protocol.error(
-                ErrorCode.HISTORY_UNAVAILABLE, "the message could not be stored; send it again"
-            )
+        problem = stored.exception() if not stored.cancelled() else asyncio.CancelledError()
+        if problem is not None:
+            if isinstance(problem, BackplaneUnavailable):
+                error = protocol.error(
+                    ErrorCode.BACKPLANE_UNAVAILABLE, "the chat is reconnecting; send it again"
+                )
+            else:
+                logger.error("could not store a message: %r", problem)
+                error = protocol.error(ErrorCode.HISTORY_UNAVAILABLE, "the message could not be stored")
             if "client_msg_id" in event:
                 error["client_msg_id"] = event["client_msg_id"]
             self._deliver(protocol.encode(error), (sender,))
         elif stored.result().duplicate:
             # A resend of a message we already have: only the sender hears of it, as its receipt.
             self._deliver(stored.result().text, (sender,))
-        else:
-            message = stored.result()
-            recipients = tuple(self.rooms.get(room, ()))
-            self._deliver(message.text, recipients, room_event=True, message_id=message.event["id"])
 
     async def send_history(self, client_id: str, room: str, since: int | None, epoch: str | None) -> None:
         """Send `history`, then release the room events held since `join_room`.
@@ -159,23 +165,22 @@ class ChatManager(WebSocketManager):
         client = self.clients.get(client_id)
         if client is None or client.held is None or self.history is None:
             return
+        await self.backplane.ready(room)
         settings = self.settings
         try:
             if since is None:
                 page = await self.history.recent(room, settings.history_on_join)
             else:
                 page = await self.history.since(room, since, epoch, settings.history_resume_max)
-        except Exception:
-            logger.exception("could not read the history of room %s", room)
+        except Exception as problem:
+            logger.error("could not read the history of room %s: %r", room, problem)
             page = None
         if self.clients.get(client_id) is not client:
             return  # it left while we were reading
         held, client.held = client.held, None
         if page is None:
-            self._deliver(
-                protocol.encode(protocol.error(ErrorCode.HISTORY_UNAVAILABLE, "history could not be read")),
-                (client_id,),
-            )
+            error = protocol.error(ErrorCode.HISTORY_UNAVAILABLE, "history could not be read")
+            self._deliver(protocol.encode(error), (client_id,))
             newest_sent = 0
         else:
             event = protocol.history(room, page.messages, page.epoch, page.truncated, page.reset)
@@ -199,27 +204,18 @@ class ChatManager(WebSocketManager):
         self._deliver(protocol.encode(data), (client_id,))
 
     async def broadcast(self, message: str, room: str | None = None, exclude: str | None = None) -> None:
-        if room is None:
+        if room is None:  # everyone on this process
             self._deliver(message, [cid for cid in self.clients if cid != exclude])
-            return
-
-        def deliver() -> None:
-            recipients = [cid for cid in self.rooms.get(room, ()) if cid != exclude]
-            self._deliver(message, recipients, room_event=True)
-
-        self._in_room_order(room, deliver)
-
-    def _in_room_order(self, room: str, deliver: Callable[[], None]) -> None:
-        """Deliver a room event after the room's messages still being stored, so a room's
-        events arrive in the order they happened (a message, then its author's rename)."""
-        storing = self._storing.get(room)
-        if storing is None:
-            deliver()
         else:
-            storing.add_done_callback(lambda _: deliver())
+            self.backplane.publish(RoomEvent(room, message, exclude=exclude))
 
     async def broadcast_json(self, data: Any, room: str | None = None, exclude: str | None = None) -> None:
         await self.broadcast(protocol.encode(data), room, exclude)
+
+    def _deliver_room_event(self, event: RoomEvent) -> None:
+        """The backplane hands a room event back: give it to this process's members of the room."""
+        recipients = [cid for cid in self.rooms.get(event.room, ()) if cid != event.exclude]
+        self._deliver(event.text, recipients, room_event=True, message_id=event.message_id)
 
     def _deliver(
         self, text: str, recipients: Iterable[str], room_event: bool = False, message_id: int | None = None
@@ -259,10 +255,37 @@ class ChatManager(WebSocketManager):
         if client.room is not None:
             self.leave_room(client_id, client.room)
             left = protocol.encode(protocol.user_left(client.username, client_id))
-            room = client.room
-            self._in_room_order(
-                room, lambda: self._deliver(left, tuple(self.rooms.get(room, ())), room_event=True)
+            self.backplane.publish(RoomEvent(client.room, left))
+
+    def _backplane_state_changed(self, connected: bool, reset_rooms: set[str]) -> None:
+        """Redis went away (tell everyone) or came back (refresh everyone's view)."""
+        chat_clients = [client for client in self.clients.values() if client.room is not None]
+        if not connected:
+            error = protocol.error(
+                ErrorCode.BACKPLANE_UNAVAILABLE, "lost contact with the other chat servers; reconnecting"
             )
+            self._deliver(protocol.encode(error), [client.id for client in chat_clients])
+            return
+        rooms = {client.room for client in chat_clients if client.room is not None}
+        self._resyncing = asyncio.create_task(self._resync(rooms, reset_rooms))
+
+    async def _resync(self, rooms: set[str], reset_rooms: set[str]) -> None:
+        """Everyone here gets a fresh `presence` (and, where the history was replaced, a `history`
+        with reset: true) after the backplane was away; presence again a heartbeat later, once
+        the other processes have re-announced their clients too."""
+        await self._send_presence_and_resets(rooms, reset_rooms)
+        await asyncio.sleep(self.settings.redis_heartbeat)
+        await self._send_presence_and_resets(rooms & set(self.rooms), set())
+
+    async def _send_presence_and_resets(self, rooms: set[str], reset_rooms: set[str]) -> None:
+        for room in rooms:
+            presence = protocol.encode(protocol.presence(room, await self.members(room)))
+            local = tuple(self.rooms.get(room, ()))
+            self._deliver(presence, local)
+            if room in reset_rooms and self.history is not None:
+                page = await self.history.recent(room, self.settings.history_on_join)
+                event = protocol.history(room, page.messages, page.epoch, page.truncated, reset=True)
+                self._deliver(protocol.encode(event), local)
 
     # --- Lobby --------------------------------------------------------------------------------
 
@@ -272,32 +295,38 @@ class ChatManager(WebSocketManager):
         await self.send_rooms_update(client_id)
 
     async def send_rooms_update(self, client_id: str) -> None:
-        await self.send_json(client_id, protocol.rooms_update(self.rooms_summary()))
+        await self.send_json(client_id, protocol.rooms_update(await self.rooms_summary()))
 
-    def rooms_summary(self) -> dict[str, dict[str, Any]]:
+    async def rooms_summary(self) -> dict[str, dict[str, Any]]:
+        """Every room with members, on every process: {room: {users, usernames}}."""
+        everywhere = await self.backplane.rooms()
+        for room, ids in self.rooms.items():
+            everywhere.setdefault(room, {}).update({cid: self.clients[cid].username for cid in ids})
         return {
-            room: {"users": len(ids), "usernames": sorted(self.clients[cid].username for cid in ids)}
-            for room, ids in sorted(self.rooms.items())
+            room: {"users": len(members), "usernames": sorted(members.values())}
+            for room, members in sorted(everywhere.items())
+            if members
         }
 
     def _lobby_changed(self) -> None:
         if self.lobby_watchers:
             self._lobby_push.request()
 
-    def _push_rooms_update(self) -> None:
+    async def _push_rooms_update(self) -> None:
         if self.lobby_watchers:
-            update = protocol.encode(protocol.rooms_update(self.rooms_summary()))
+            update = protocol.encode(protocol.rooms_update(await self.rooms_summary()))
             self._deliver(update, tuple(self.lobby_watchers))
 
     # --- Health and shutdown ------------------------------------------------------------------
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         return {
             "connections": len(self.connections),
             "rooms": len(self.rooms),
             "chat_clients": len(self.clients) - len(self.lobby_watchers),
             "lobby_clients": len(self.lobby_watchers),
             "queued_events": sum(client.outbox.queued for client in self.clients.values()),
+            "backplane": self.backplane.state(),
         }
 
     async def shutdown(self) -> None:
@@ -305,8 +334,7 @@ class ChatManager(WebSocketManager):
         self._lobby_push.cancel()
         for client_id in list(self.clients):
             self._drop(client_id)
-        if self.history is not None:
-            await self.history.close()
+        await self.backplane.close()
 
 
 def default_username(client_id: str) -> str:
@@ -314,16 +342,17 @@ def default_username(client_id: str) -> str:
 
 
 class Throttle:
-    """Runs a callback soon after `request()`, at most once per `interval` seconds.
+    """Runs a coroutine soon after `request()`, at most once per `interval` seconds.
 
     Requests that arrive while one is pending are merged into it, so a burst of room changes
     becomes one `rooms_update` for the lobby.
     """
 
-    def __init__(self, interval: float, callback: Callable[[], None]) -> None:
+    def __init__(self, interval: float, callback: Callable[[], Awaitable[None]]) -> None:
         self._interval = interval
         self._callback = callback
         self._timer: asyncio.TimerHandle | None = None
+        self._running: asyncio.Task | None = None
         self._last_run = float("-inf")
 
     def request(self) -> None:
@@ -336,8 +365,18 @@ class Throttle:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._running is not None:
+            self._running.cancel()
 
     def _run(self) -> None:
         self._timer = None
         self._last_run = asyncio.get_running_loop().time()
-        self._callback()
+        self._running = asyncio.create_task(self._call())
+
+    async def _call(self) -> None:
+        try:
+            await self._callback()
+        except Exception:
+            logger.exception("lobby update failed")
+        finally:
+            self._running = None

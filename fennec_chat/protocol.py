@@ -41,6 +41,7 @@ class ErrorCode:
     INVALID_CLIENT_MSG_ID = "invalid_client_msg_id"
     INVALID_SINCE = "invalid_since"
     HISTORY_UNAVAILABLE = "history_unavailable"
+    BACKPLANE_UNAVAILABLE = "backplane_unavailable"
 
 
 # --- Commands: what a client may ask of a chat room ------------------------------------------

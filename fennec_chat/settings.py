@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,14 @@ class Settings:
     history_resume_max: int = setting(
         500, "CHAT_HISTORY_RESUME_MAX", "most messages sent to a client resuming with ?since="
     )
+    redis_url: str = setting(
+        "", "REDIS_URL", "share rooms, presence and history with other processes through Redis (redis://...)"
+    )
+    redis_prefix: str = setting("fennec-chat:", "CHAT_REDIS_PREFIX", "prefix of every Redis key and channel")
+    redis_heartbeat: float = setting(
+        5.0, "CHAT_REDIS_HEARTBEAT", "seconds between heartbeats; a silent process's users leave after ~3"
+    )
+    workers: int = setting(1, "CHAT_WORKERS", "uvicorn worker processes (more than 1 needs --redis-url)")
     ws_compression: bool = setting(
         False,
         "CHAT_WS_COMPRESSION",
@@ -93,6 +101,14 @@ class Settings:
             self.check()
         except ValueError as error:
             parser.error(str(error))
+
+    def export_to(self, environ: MutableMapping[str, str]) -> None:
+        """Write every setting to its environment variable (for worker processes)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            environ[f.metadata["env"]] = (
+                ("true" if value else "false") if isinstance(value, bool) else str(value)
+            )
 
     @classmethod
     def argument_parser(cls) -> argparse.ArgumentParser:
@@ -129,6 +145,7 @@ class Settings:
             "max_frame_bytes",
             "outbox_limit",
             "history_retention",
+            "workers",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -141,6 +158,13 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.redis_heartbeat <= 0:
+            raise ValueError("redis_heartbeat must be positive")
+        if self.workers > 1 and not self.redis_url:
+            raise ValueError(
+                "--workers needs --redis-url: each worker is a separate process, and without Redis "
+                "they would not share rooms, presence or history"
+            )
 
 
 def _convert(raw: str, default: Any) -> Any:

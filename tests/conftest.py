@@ -9,6 +9,7 @@ import pytest
 from playwright.async_api import async_playwright
 
 from tests.browser import CHROMIUM_ARGS, chromium_path, optional_part_missing
+from tests.redis_process import RedisProcess
 from tests.server_process import ServerProcess, log_path
 
 
@@ -53,3 +54,11 @@ async def browser():
         launched = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield launched
         await launched.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisProcess]:
+    """A real redis-server on a free port (skipped without one, except in CI)."""
+    server = RedisProcess(tmp_path / "redis").start()
+    yield server
+    server.stop()

@@ -1,0 +1,182 @@
+"""The backplane: how a room's events reach every member of the room, in one order.
+
+The manager hands each room event to the backplane and delivers what the backplane hands back
+to its own clients. `LocalBackplane`, the default, is this process alone. `RedisBackplane`
+(fennec_chat/redis_backplane.py) lets several processes share rooms, presence and history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .history import History, Stored, open_history
+from .protocol import encode
+from .settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class RoomEvent:
+    """An encoded event for everyone in `room` but `exclude`."""
+
+    room: str
+    text: str
+    message_id: int | None = None  # set for chat messages stored in the history
+    exclude: str | None = None  # a client_id that must not receive it
+
+
+class BackplaneUnavailable(Exception):
+    """The backplane cannot carry events right now (it is reconnecting)."""
+
+
+Deliver = Callable[[RoomEvent], None]
+StateChanged = Callable[[bool, set[str]], None]  # (connected, rooms whose history was replaced)
+
+
+class Backplane(ABC):
+    """Carries room events between the processes that serve a room, in one order for all."""
+
+    history: History | None
+
+    @abstractmethod
+    async def start(
+        self, deliver: Deliver, lobby_changed: Callable[[], None], state_changed: StateChanged
+    ) -> None:
+        """Connect. From now on every room event comes back through `deliver`, in order;
+        `lobby_changed` says that rooms or members changed somewhere, `state_changed` that the
+        backplane was lost or is back."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Disconnect, after the events already published have gone out."""
+
+    @abstractmethod
+    def publish(self, event: RoomEvent) -> None:
+        """Send a room event (not a chat message) to every member of its room."""
+
+    @abstractmethod
+    def publish_message(self, room: str, event: dict[str, Any]) -> asyncio.Future[Stored]:
+        """Store a chat message (when there is a history), then send it to the room.
+
+        The future resolves once it is stored; a duplicate (a resent client_msg_id) is not
+        sent to the room again: the future's `Stored.duplicate` tells the caller.
+        """
+
+    # Presence: who is in which room. The manager knows its own clients; these tell the
+    # backplane, so that other processes know them too.
+
+    @abstractmethod
+    def join(self, room: str, client_id: str, username: str, first_here: bool) -> None:
+        """A client of this process joined `room` (the first one here if `first_here`)."""
+
+    @abstractmethod
+    def leave(self, room: str, client_id: str, last_here: bool) -> None:
+        """A client of this process left `room` (the last one here if `last_here`)."""
+
+    @abstractmethod
+    def rename(self, room: str, client_id: str, username: str) -> None:
+        """A client of this process changed its name."""
+
+    @abstractmethod
+    async def ready(self, room: str) -> None:
+        """Wait until this process receives `room`'s events."""
+
+    @abstractmethod
+    async def members(self, room: str) -> dict[str, str]:
+        """client_id → username of the room's members that other processes have."""
+
+    @abstractmethod
+    async def rooms(self) -> dict[str, dict[str, str]]:
+        """Rooms with members on other processes: room → {client_id: username}."""
+
+    @abstractmethod
+    def state(self) -> dict[str, Any]:
+        """For /health: what kind of backplane this is, and whether it works."""
+
+
+class LocalBackplane(Backplane):
+    """One process: events go straight back to the manager, messages once they are stored.
+
+    A room's other events wait behind its messages still being stored, so that a room's
+    events keep the order in which they happened (a message, then its author's rename).
+    """
+
+    def __init__(self, history: History | None) -> None:
+        self.history = history
+        self._storing: dict[str, asyncio.Future[Stored]] = {}  # room → its newest message being stored
+        self._deliver: Deliver = lambda event: None
+
+    async def start(
+        self, deliver: Deliver, lobby_changed: Callable[[], None], state_changed: StateChanged
+    ) -> None:
+        self._deliver = deliver
+        if self.history is not None:
+            await self.history.start()
+
+    async def close(self) -> None:
+        if self.history is not None:
+            await self.history.close()
+
+    def publish(self, event: RoomEvent) -> None:
+        storing = self._storing.get(event.room)
+        if storing is None:
+            self._deliver(event)
+        else:
+            storing.add_done_callback(lambda _: self._deliver(event))
+
+    def publish_message(self, room: str, event: dict[str, Any]) -> asyncio.Future[Stored]:
+        if self.history is None:
+            stored = Stored(event, encode(event))
+            self._deliver(RoomEvent(room, stored.text))
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(stored)
+            return done
+        storing = self.history.append(room, event)
+        storing.add_done_callback(functools.partial(self._stored, room))
+        self._storing[room] = storing
+        return storing
+
+    # One process: the manager's own clients are everyone.
+
+    def join(self, room: str, client_id: str, username: str, first_here: bool) -> None:
+        pass
+
+    def leave(self, room: str, client_id: str, last_here: bool) -> None:
+        pass
+
+    def rename(self, room: str, client_id: str, username: str) -> None:
+        pass
+
+    async def ready(self, room: str) -> None:
+        pass
+
+    async def members(self, room: str) -> dict[str, str]:
+        return {}
+
+    async def rooms(self) -> dict[str, dict[str, str]]:
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "local", "connected": True}
+
+    def _stored(self, room: str, storing: asyncio.Future[Stored]) -> None:
+        if self._storing.get(room) is storing:
+            del self._storing[room]
+        if storing.cancelled() or storing.exception() is not None:
+            return  # the sender hears of it from the manager
+        stored = storing.result()
+        if not stored.duplicate:
+            self._deliver(RoomEvent(room, stored.text, message_id=stored.event["id"]))
+
+
+def open_backplane(settings: Settings) -> Backplane:
+    """The backplane the settings ask for (not started yet)."""
+    if settings.redis_url:
+        from .redis_backplane import RedisBackplane  # only needs redis-py when asked for
+
+        return RedisBackplane(settings)
+    return LocalBackplane(open_history(settings))

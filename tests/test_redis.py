@@ -1,0 +1,295 @@
+"""Several server processes sharing rooms, presence, the lobby and history through a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.chat_client import ChatClient
+from tests.server_process import ROOT, ServerProcess
+
+ROOM_EVENTS = {"message", "typing", "username_changed", "user_joined", "user_left"}
+
+
+@pytest.fixture
+def two_servers(start_server, redis_server):
+    """Two chat processes on two ports, one Redis."""
+    flags = ("--redis-url", redis_server.url, "--redis-heartbeat", "0.5")
+    return start_server(*flags), start_server(*flags)
+
+
+async def room_events(client: ChatClient, count: int, timeout: float = 10) -> list[tuple]:
+    """The next `count` room events, as comparable tuples."""
+    events: list[tuple] = []
+
+    async def read() -> None:
+        while len(events) < count:
+            event = await client.next(timeout)
+            if event["type"] in ROOM_EVENTS:
+                events.append((event["type"], event["client_id"], event.get("message"), event.get("id")))
+
+    await asyncio.wait_for(read(), timeout)
+    return events
+
+
+def health(server: ServerProcess) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(server.http_url + "/health", timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+async def test_room_events_cross_both_ways_in_one_order(two_servers, room):
+    one, two = two_servers
+    watcher_one = await one.connect(f"/ws/chat/{room}?username=w1")
+    await watcher_one.joined()
+    watcher_two = await two.connect(f"/ws/chat/{room}?username=w2")
+    await watcher_two.joined()
+    await watcher_one.expect("user_joined", username="w2")
+
+    alice = await one.connect(f"/ws/chat/{room}?username=alice")
+    await alice.joined()
+    bob = await two.connect(f"/ws/chat/{room}?username=bob")
+    bob_id, presence = await bob.joined()
+    assert sorted(user["username"] for user in presence["users"]) == ["alice", "bob", "w1", "w2"]
+
+    async def alice_talks() -> None:
+        for number in range(30):
+            await alice.send(type="message", message=f"a{number}")
+
+    async def bob_talks() -> None:
+        await bob.send(type="typing")
+        for number in range(30):
+            await bob.send(type="message", message=f"b{number}")
+            if number == 10:
+                await bob.send(type="set_username", username="robert")
+
+    await asyncio.gather(alice_talks(), bob_talks())
+    await bob.close()
+    # 2 joins, 60 messages, a typing notice, a rename, a leave: the same sequence on both sides.
+    seen_one = await room_events(watcher_one, 65)
+    seen_two = await room_events(watcher_two, 65)
+    assert seen_one == seen_two
+    messages = [event for event in seen_one if event[0] == "message"]
+    assert [event[3] for event in messages] == list(range(1, 61))  # one id sequence for both
+    assert ("user_left", bob_id, "robert left the room", None) in seen_one
+    assert [m[2] for m in messages if m[2].startswith("a")] == [f"a{n}" for n in range(30)]
+    for client in (watcher_one, watcher_two, alice):
+        await client.close()
+
+
+async def test_typing_is_not_echoed_across_processes_either(two_servers, room):
+    one, two = two_servers
+    alice = await one.connect(f"/ws/chat/{room}?username=alice")
+    await alice.joined()
+    bob = await two.connect(f"/ws/chat/{room}?username=bob")
+    await bob.joined()
+    await alice.expect("user_joined")
+    await bob.send(type="typing")
+    await alice.expect("typing", username="bob")
+    await bob.expect_silence()
+    await alice.close()
+    await bob.close()
+
+
+async def test_presence_and_the_lobby_count_both_processes(two_servers, room):
+    one, two = two_servers
+    members = [await one.connect(f"/ws/chat/{room}?username=one-{n}") for n in range(2)]
+    members += [await two.connect(f"/ws/chat/{room}?username=two-{n}") for n in range(3)]
+    for member in members:
+        await member.joined()
+    lobby = await one.connect("/ws/lobby")
+    update = await lobby.expect("rooms_update")
+    assert update["rooms"][room] == {
+        "users": 5,
+        "usernames": ["one-0", "one-1", "two-0", "two-1", "two-2"],
+    }
+    await members[-1].close()  # a leave on the other process is pushed to this lobby
+
+    async def until_four() -> None:
+        while (await lobby.expect("rooms_update"))["rooms"].get(room, {}).get("users") != 4:
+            pass
+
+    await asyncio.wait_for(until_four(), 5)
+    for member in members[:-1]:
+        await member.close()
+    await lobby.close()
+
+
+async def test_the_users_of_a_killed_process_leave_within_30_seconds(start_server, redis_server, room):
+    flags = ("--redis-url", redis_server.url, "--redis-heartbeat", "2")
+    survivor, doomed = start_server(*flags), start_server(*flags)
+    watcher = await survivor.connect(f"/ws/chat/{room}?username=watcher")
+    await watcher.joined()
+    victims = []
+    for name in ("v1", "v2"):
+        victim = await doomed.connect(f"/ws/chat/{room}?username={name}")
+        await victim.joined()
+        victims.append(victim)
+    await watcher.wait_for("user_joined", username="v2")
+
+    doomed.process.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    left = {(await watcher.wait_for("user_left", timeout=30))["username"] for _ in victims}
+    assert left == {"v1", "v2"}
+    assert time.monotonic() - killed_at < 30
+    await watcher.expect_silence(1)  # each of them left exactly once
+
+    newcomer = await survivor.connect(f"/ws/chat/{room}?username=new")
+    _, presence = await newcomer.joined()
+    assert sorted(user["username"] for user in presence["users"]) == ["new", "watcher"]
+    await watcher.close()
+    await newcomer.close()
+
+
+async def test_resume_works_on_the_other_process(two_servers, room):
+    one, two = two_servers
+    reader = await one.connect(f"/ws/chat/{room}")
+    await reader.joined()
+    writer = await two.connect(f"/ws/chat/{room}")
+    await writer.joined()
+    await writer.send(type="message", message="seen")
+    seen = await reader.wait_for("message")
+    await reader.close()
+    for text in ("missed 1", "missed 2"):
+        await writer.send(type="message", message=text)
+    await writer.wait_for("message", message="missed 2")
+
+    back = await two.connect(f"/ws/chat/{room}?since={seen['id']}&epoch={reader.history['epoch']}")
+    await back.joined()
+    assert [m["message"] for m in back.history["messages"]] == ["missed 1", "missed 2"]
+    assert back.history["reset"] is False
+    await writer.send(type="message", message="live")
+    await back.wait_for("message", message="live")
+    await writer.close()
+    await back.close()
+
+
+async def test_a_resend_to_the_other_process_is_still_exactly_once(two_servers, room):
+    one, two = two_servers
+    bystander = await one.connect(f"/ws/chat/{room}")
+    await bystander.joined()
+    sender = await one.connect(f"/ws/chat/{room}")
+    await sender.joined()
+    await sender.send(type="message", message="once", client_msg_id="m-1")
+    original = await sender.wait_for("message")
+    assert await bystander.wait_for("message") == original
+    await sender.abort()
+    again = await two.connect(f"/ws/chat/{room}?since={original['id']}&epoch={sender.history['epoch']}")
+    await again.joined()
+    await again.send(type="message", message="once", client_msg_id="m-1")
+    assert await again.expect("message") == original
+    await bystander.wait_for("user_joined")
+    await bystander.expect_silence(0.5)
+    await bystander.close()
+    await again.close()
+
+
+async def test_redis_going_away_and_coming_back(two_servers, redis_server, room):
+    one, two = two_servers
+    alice = await one.connect(f"/ws/chat/{room}?username=alice")
+    await alice.joined()
+    bob = await two.connect(f"/ws/chat/{room}?username=bob")
+    await bob.joined()
+    await alice.send(type="message", message="before")
+    first = await bob.wait_for("message")
+
+    redis_server.stop()
+    for client in (alice, bob):
+        await client.wait_for("error", code="backplane_unavailable")
+    status, body = health(one)
+    assert (status, body["status"], body["backplane"]["connected"]) == (503, "degraded", False)
+    await alice.send(type="message", message="during", client_msg_id="d-1")
+    refused = await alice.wait_for("error", code="backplane_unavailable")
+    assert refused["client_msg_id"] == "d-1"  # the sender knows exactly what to send again
+
+    redis_server.start()
+    for client in (alice, bob):  # a fresh view of the room once the backplane is back
+        await client.wait_for("presence", timeout=20)
+    assert health(one)[0] == health(two)[0] == 200
+    await alice.send(type="message", message="during", client_msg_id="d-1")
+    after = await bob.wait_for("message", message="during")
+    assert after["id"] == first["id"] + 1  # the same history goes on
+    assert one.process.poll() is None  # neither server died
+    assert two.process.poll() is None
+    await alice.close()
+    await bob.close()
+    one.assert_no_errors_but("lost Redis")
+
+
+async def test_a_wiped_redis_resets_the_clients_history(two_servers, redis_server, tmp_path, room):
+    one, _ = two_servers
+    alice = await one.connect(f"/ws/chat/{room}")
+    await alice.joined()
+    await alice.send(type="message", message="soon forgotten")
+    await alice.wait_for("message")
+    redis_server.stop()
+    await alice.wait_for("error", code="backplane_unavailable")
+    for leftover in redis_server.directory.iterdir():  # the data is gone
+        if leftover.is_dir():
+            for part in leftover.iterdir():
+                part.unlink()
+        else:
+            leftover.unlink()
+    redis_server.start()
+    reset = await alice.wait_for("history", timeout=20)
+    assert reset["reset"] is True
+    assert reset["messages"] == []
+    assert reset["epoch"] != alice.history["epoch"]
+    await alice.close()
+
+
+def test_redis_down_at_start_is_a_clear_failure(redis_server):
+    url = redis_server.url
+    redis_server.stop()
+    result = subprocess.run(
+        [sys.executable, "server.py", "--port", "0", "--redis-url", url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "cannot reach Redis" in result.stdout + result.stderr
+
+
+def test_workers_without_redis_are_refused():
+    result = subprocess.run(
+        [sys.executable, "server.py", "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "--workers needs --redis-url" in result.stderr
+
+
+async def test_workers_share_rooms_through_redis(start_server, redis_server, room):
+    server = start_server("--workers", "2", "--redis-url", redis_server.url)
+    members = redis_server.client()
+
+    def workers_in_room() -> set[str]:
+        return {
+            json.loads(member)["process"]
+            for member in members.hgetall(f"fennec-chat:room:{room}:members").values()
+        }
+
+    # The kernel hands each connection to one worker or the other; connect until both have some.
+    clients: list[ChatClient] = []
+    while len(workers_in_room()) < 2:
+        assert len(clients) < 300, "every connection went to the same worker"
+        batch = await asyncio.gather(*(server.connect(f"/ws/chat/{room}") for _ in range(10)))
+        for client in batch:
+            await client.joined()
+        clients += batch
+    await clients[0].send(type="message", message="to every worker")
+    for client in clients:
+        await client.wait_for("message", message="to every worker")
+    for client in clients:
+        await client.close()
