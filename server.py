@@ -10,8 +10,8 @@ manager and its safe fan-out, settings) lives in the small `fennec_chat` package
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import copy
 import json
 import os
 import signal
@@ -25,7 +25,12 @@ from fennec import Request, Response, Router, WebSocket, WebSocketRouter
 
 from fennec_chat import protocol
 from fennec_chat.application import ChatApplication
+from fennec_chat.gate import Gate, Refusal, Tokens
+from fennec_chat.limits import RateLimits
+from fennec_chat.logs import log_config
 from fennec_chat.manager import ChatManager
+from fennec_chat.moderation import WordFilter
+from fennec_chat.page import read_page
 from fennec_chat.protocol import CloseCode, ErrorCode
 from fennec_chat.settings import Settings
 
@@ -33,6 +38,8 @@ CLIENT_PAGE = Path(__file__).with_name("client.html")
 
 settings = Settings.from_environ()  # main() applies command-line flags on top
 manager = ChatManager(settings)
+gate = Gate(settings)
+words = WordFilter()  # --blocklist loads it at start
 ws_router = WebSocketRouter()
 http_router = Router()
 
@@ -48,16 +55,22 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
     if problem := protocol.room_name_problem(room, settings):
         await websocket.close(CloseCode.POLICY_VIOLATION, problem)
         return
+    # The page's origin, the token (with --jwt-secret) and the sockets from the same address.
+    admission = gate.admit(websocket.scope)
+    if isinstance(admission, Refusal):
+        await websocket.close(admission.code, admission.reason)
+        return
+    identity = admission.identity
 
     # A reconnecting tab names itself in the URL (so the room never sees "User-1a2b joined"
     # followed by a rename) and says where it left off (so it gets just what it missed).
     join = protocol.parse_join(query_params(websocket), settings)
     client_id = await manager.connect(websocket)
-    if join.username:
-        manager.rename(client_id, join.username)
+    if name := identity.username or join.username:  # a token's name wins
+        manager.rename(client_id, words.mask(name))
     manager.join_room(client_id, room)
 
-    await manager.send_json(client_id, protocol.welcome(room, client_id))
+    await manager.send_json(client_id, protocol.welcome(room, client_id, settings))
     await manager.send_json(client_id, protocol.presence(room, await manager.members(room)))
     # Earlier messages (or just the missed ones), then live ones: no gap, nothing twice.
     await manager.send_history(client_id, room, join.since, join.epoch)
@@ -66,48 +79,73 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
     joined = protocol.user_joined(manager.username(client_id), client_id)
     await manager.broadcast_json(joined, room=room, exclude=client_id)
 
+    limits = RateLimits(settings)
     try:
         async for frame in incoming(websocket, client_id):
             username = manager.username(client_id)
-            match protocol.parse_command(frame, settings):
+            command = words.apply(protocol.parse_command(frame, settings))  # masks blocked words
+            verdict = limits.check(command)
+            match verdict.command:
                 case protocol.SendMessage(text=text, client_msg_id=client_msg_id):
                     # Stored and numbered, then sent to everyone in the room, the sender
                     # included: its copy is the confirmation.
                     event = protocol.chat_message(username, text, client_id, client_msg_id)
                     await manager.publish(room, event, sender=client_id)
+                case protocol.SetUsername() if identity.username:
+                    locked = protocol.error(ErrorCode.USERNAME_LOCKED, "your name comes from your token")
+                    await manager.send_json(client_id, locked)
                 case protocol.SetUsername(username=new_name) if new_name != username:
                     manager.rename(client_id, new_name)
                     event = protocol.username_changed(username, new_name, client_id)
                     await manager.broadcast_json(event, room=room)
-                case protocol.SetUsername():
-                    pass  # the name did not change: nothing to announce
                 case protocol.Typing():
                     event = protocol.typing(username, client_id)
                     await manager.broadcast_json(event, room=room, exclude=client_id)
+                case protocol.Kick(client_id=target) if identity.admin:
+                    if problem := await manager.kick(room, target, by=username):
+                        await manager.send_json(client_id, problem.event())
+                case protocol.Kick():
+                    forbidden = protocol.error(ErrorCode.FORBIDDEN, "only an admin may kick")
+                    await manager.send_json(client_id, forbidden)
                 case protocol.Rejection() as rejection:
                     # Bad input is answered, never fatal: the socket stays open and usable.
                     await manager.send_json(client_id, rejection.event())
+                case _:
+                    pass  # an unchanged name, or typing notices beyond their limit: nothing to do
+            if verdict.flooding:  # warned again and again: this is no longer a person typing
+                await manager.close(client_id, CloseCode.POLICY_VIOLATION, "flooding: too many messages")
     finally:
-        # Tells the room `user_left` exactly once, whether the client closed, vanished or
-        # was dropped for falling behind.
+        # Tells the room `user_left` exactly once, whether the client closed, vanished, was
+        # dropped for falling behind or was kicked.
         await manager.disconnect(client_id)
+        gate.release(admission)
 
 
 @ws_router.websocket("/ws/lobby")
 async def lobby(websocket: WebSocket) -> None:
     """The list of active rooms: sent on connect, on any text from the client, and after changes."""
     await websocket.accept()
+    admission = gate.admit(websocket.scope)
+    if isinstance(admission, Refusal):
+        await websocket.close(admission.code, admission.reason)
+        return
     client_id = await manager.connect(websocket)
     await manager.watch_lobby(client_id)
+    limits = RateLimits(settings)
     try:
         async for frame in incoming(websocket, client_id):
-            if frame.get("text") is not None:
-                await manager.send_rooms_update(client_id)
-            else:
+            if frame.get("text") is None:
                 error = protocol.error(ErrorCode.UNSUPPORTED_FRAME, "send any text to get the room list")
                 await manager.send_json(client_id, error)
+            elif refused := limits.check_request():
+                await manager.send_json(client_id, refused.command.event())
+                if refused.flooding:
+                    await manager.close(client_id, CloseCode.POLICY_VIOLATION, "flooding: too many requests")
+            else:
+                await manager.send_rooms_update(client_id)
     finally:
         await manager.disconnect(client_id)
+        gate.release(admission)
 
 
 async def incoming(websocket: WebSocket, client_id: str) -> AsyncIterator[dict]:
@@ -135,8 +173,12 @@ def query_params(websocket: WebSocket) -> dict[str, str]:
 
 @http_router.get("/")
 async def chat_page(request: Request) -> Response:
-    """The chat page, so http://localhost:8000/?room=dev works as well as opening the file."""
-    return Response(CLIENT_PAGE.read_bytes(), headers={"content-type": "text/html; charset=utf-8"})
+    """The chat page, so http://localhost:8000/?room=dev works as well as opening the file.
+
+    Its Content-Security-Policy lets only its own script and style run (see fennec_chat/page.py).
+    """
+    page, headers = read_page(CLIENT_PAGE)
+    return Response(page, headers=headers)
 
 
 @http_router.get("/health")
@@ -156,12 +198,24 @@ async def health(request: Request) -> Response:
 app = ChatApplication(title="Fennec chat", docs_enabled=False)
 app.include_router(http_router)
 app.include_websocket_router(ws_router)
-app.on_startup.append(manager.start)  # opens the message history
+app.on_startup.append(manager.start)  # opens the message history and the backplane
 app.on_shutdown.append(manager.shutdown)
 
 
+async def load_blocklist() -> None:
+    if settings.blocklist:
+        words.load(settings.blocklist)
+
+
+app.on_startup.append(load_blocklist)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    settings.apply_flags(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["token"]:
+        print(mint_token(argv[1:]))
+        return
+    settings.apply_flags(argv)
     options = {
         "host": settings.host,
         "port": settings.port,
@@ -174,8 +228,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "ws_ping_timeout": settings.ping_timeout or None,
         "timeout_graceful_shutdown": 5,
         "log_config": log_config(),
+        "ssl_certfile": settings.ssl_certfile or None,
+        "ssl_keyfile": settings.ssl_keyfile or None,
     }
-    print_addresses(settings.host, settings.port)
+    print_addresses(settings.host, settings.port, secure=bool(settings.ssl_certfile))
 
     # On Ctrl-C or SIGTERM uvicorn sends every socket a close frame (1012, "service restart"),
     # waits for the handlers to finish, then re-raises the signal. A stop we asked for is a
@@ -192,19 +248,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(0 if server.started else 1)
 
 
-def log_config() -> dict:
-    """uvicorn's logging, extended to this app's own logger."""
-    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["loggers"]["fennec_chat"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    return config
+def mint_token(argv: Sequence[str]) -> str:
+    """`python server.py token --username alice [--admin] [--ttl 3600]`: a token for local use."""
+    parser = argparse.ArgumentParser(prog="server.py token", description=mint_token.__doc__)
+    parser.add_argument("--username", required=True)
+    parser.add_argument("--admin", action="store_true", help="may kick people out of rooms")
+    parser.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    parser.add_argument("--jwt-secret", default=settings.jwt_secret, help="default: $CHAT_JWT_SECRET")
+    args = parser.parse_args(argv)
+    if not args.jwt_secret:
+        parser.error("no secret: pass --jwt-secret or set CHAT_JWT_SECRET (the server's)")
+    return Tokens(args.jwt_secret).mint(args.username, admin=args.admin, ttl=args.ttl)
 
 
-def print_addresses(host: str, port: int) -> None:
+def print_addresses(host: str, port: int, secure: bool) -> None:
     shown = "localhost" if host in ("0.0.0.0", "::", "127.0.0.1") else host
     shown = f"[{shown}]" if ":" in shown else shown
-    print(f"Fennec chat: open http://{shown}:{port}/ (add ?room=NAME to pick a room)")
-    print(f"  chat room  ws://{shown}:{port}/ws/chat/{{room}}")
-    print(f"  lobby      ws://{shown}:{port}/ws/lobby")
+    web, ws = ("https", "wss") if secure else ("http", "ws")
+    print(f"Fennec chat: open {web}://{shown}:{port}/ (add ?room=NAME to pick a room)")
+    print(f"  chat room  {ws}://{shown}:{port}/ws/chat/{{room}}")
+    print(f"  lobby      {ws}://{shown}:{port}/ws/lobby")
+    if settings.jwt_secret:
+        print("  every socket needs ?token= (python server.py token --username NAME)")
     if host in ("0.0.0.0", "::"):
         print("  listening on every network interface: other machines can connect too")
     sys.stdout.flush()

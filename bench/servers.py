@@ -73,11 +73,23 @@ class Server:
         return resident_pages * PAGE_SIZE
 
 
+NO_LIMITS = [
+    "--rate-messages",
+    "0",
+    "--rate-typing",
+    "0",
+    "--rate-renames",
+    "0",
+    "--max-connections-per-ip",
+    "0",
+]
+
+
 def chat_server(*flags: str, name: str = "fennec-chat") -> Server:
     """This project's server.py, with the limits that would distort a benchmark turned off."""
     return Server(
         name,
-        [sys.executable, "server.py", "--port", "{port}", "--log-level", "warning", *flags],
+        [sys.executable, "server.py", "--port", "{port}", "--log-level", "warning", *NO_LIMITS, *flags],
     )
 
 

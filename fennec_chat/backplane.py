@@ -27,6 +27,7 @@ class RoomEvent:
     text: str
     message_id: int | None = None  # set for chat messages stored in the history
     exclude: str | None = None  # a client_id that must not receive it
+    kick: str | None = None  # a client_id to close (4001) once everyone has the event
 
 
 class BackplaneUnavailable(Exception):

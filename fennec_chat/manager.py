@@ -55,6 +55,7 @@ class ChatManager(WebSocketManager):
         self.lobby_watchers: set[str] = set()
         self.backplane: Backplane = LocalBackplane(history=None)  # replaced by start()
         self._resyncing: asyncio.Task | None = None
+        self._closing: dict[str, Outbox] = {}  # dropped by the server, close frame on its way
         self._lobby_push = Throttle(settings.lobby_interval, self._push_rooms_update)
 
     @property
@@ -77,8 +78,14 @@ class ChatManager(WebSocketManager):
         return client_id
 
     async def disconnect(self, client_id: str) -> None:
-        """Forget a client and tell its room it left: exactly once, whatever ended it."""
+        """Forget a client and tell its room it left: exactly once, whatever ended it.
+
+        If the server closed it (kicked, flooding, too slow), wait a little for the close frame
+        to go out: once the handler returns, uvicorn drops the connection without one.
+        """
         self._drop(client_id)
+        if (closing := self._closing.pop(client_id, None)) is not None:
+            await closing.wait_closed(timeout=5)
 
     def is_connected(self, client_id: str) -> bool:
         return client_id in self.clients
@@ -216,6 +223,24 @@ class ChatManager(WebSocketManager):
         """The backplane hands a room event back: give it to this process's members of the room."""
         recipients = [cid for cid in self.rooms.get(event.room, ()) if cid != event.exclude]
         self._deliver(event.text, recipients, room_event=True, message_id=event.message_id)
+        if event.kick is not None and event.kick in self.rooms.get(event.room, ()):
+            self._drop(event.kick, close=(CloseCode.KICKED, "kicked"), discard=False)
+
+    # --- Moderation ---------------------------------------------------------------------------
+
+    async def kick(self, room: str, target: str, by: str) -> protocol.Rejection | None:
+        """Remove a client from the room, on whichever process it is: the room gets a system
+        line, the client a close frame (4001, "kicked"), and then its user_left."""
+        members = {user["client_id"]: user["username"] for user in await self.members(room)}
+        if target not in members:
+            return protocol.Rejection(ErrorCode.NOT_FOUND, "nobody with that client_id is in this room")
+        notice = protocol.encode(protocol.kicked(members[target], target, by))
+        self.backplane.publish(RoomEvent(room, notice, kick=target))
+        return None
+
+    async def close(self, client_id: str, code: int, reason: str) -> None:
+        """Close a client's socket (after what is already queued for it) and forget it."""
+        self._drop(client_id, close=(code, reason), discard=False)
 
     def _deliver(
         self, text: str, recipients: Iterable[str], room_event: bool = False, message_id: int | None = None
@@ -242,7 +267,7 @@ class ChatManager(WebSocketManager):
             reason = f"too slow: more than {limit} events waiting"
             self._drop(client.id, close=(CloseCode.TRY_AGAIN_LATER, reason))
 
-    def _drop(self, client_id: str, close: tuple[int, str] | None = None) -> None:
+    def _drop(self, client_id: str, close: tuple[int, str] | None = None, discard: bool = True) -> None:
         client = self.clients.pop(client_id, None)
         if client is None:
             return
@@ -251,7 +276,8 @@ class ChatManager(WebSocketManager):
         if close is None:
             client.outbox.stop()
         else:
-            client.outbox.close(*close)
+            client.outbox.close(*close, discard=discard)
+            self._closing[client_id] = client.outbox
         if client.room is not None:
             self.leave_room(client_id, client.room)
             left = protocol.encode(protocol.user_left(client.username, client_id))

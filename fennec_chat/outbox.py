@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 
 from fennec import WebSocket
@@ -36,10 +37,12 @@ class Outbox:
         self._wake_writer()
         return True
 
-    def close(self, code: int, reason: str) -> None:
-        """Drop what is queued and send a close frame as soon as the socket takes it."""
+    def close(self, code: int, reason: str, discard: bool = True) -> None:
+        """Send a close frame as soon as the socket takes it, after what is queued unless
+        `discard` (a client that stopped reading will not read what is queued anyway)."""
         self._accepting = False
-        self._pending.clear()
+        if discard:
+            self._pending.clear()
         self._closing = (code, reason)
         self._wake_writer()
 
@@ -47,6 +50,11 @@ class Outbox:
         """The connection has ended: stop writing (a pending close frame may still go out)."""
         if self._closing is None:
             self._writer.cancel()
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Wait (at most `timeout` seconds) until a close frame asked for by `close` is sent."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._writer), timeout)
 
     @property
     def queued(self) -> int:

@@ -25,7 +25,10 @@ class CloseCode(IntEnum):
     MESSAGE_TOO_BIG = 1009  # a frame above max_frame_bytes (sent by uvicorn)
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012  # the server is shutting down: reconnect soon
-    TRY_AGAIN_LATER = 1013  # the client stopped reading and its outbox overflowed
+    TRY_AGAIN_LATER = (
+        1013  # the client stopped reading and its outbox overflowed, or too many sockets from one address
+    )
+    KICKED = 4001  # an admin removed the client (an application code: 4000-4999)
 
 
 class ErrorCode:
@@ -42,6 +45,10 @@ class ErrorCode:
     INVALID_SINCE = "invalid_since"
     HISTORY_UNAVAILABLE = "history_unavailable"
     BACKPLANE_UNAVAILABLE = "backplane_unavailable"
+    RATE_LIMITED = "rate_limited"
+    USERNAME_LOCKED = "username_locked"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
 
 
 # --- Commands: what a client may ask of a chat room ------------------------------------------
@@ -64,17 +71,29 @@ class Typing:
 
 
 @dataclass(frozen=True, slots=True)
+class Kick:
+    client_id: str  # whom an admin removes from the room
+
+
+@dataclass(frozen=True, slots=True)
 class Rejection:
     """A frame the server will not act on, and why."""
 
     code: str
     reason: str
+    retry_after: float | None = None  # seconds, for rate_limited
+    client_msg_id: str | None = None  # which message it was, when the client said
 
     def event(self) -> dict[str, Any]:
-        return error(self.code, self.reason)
+        event = error(self.code, self.reason)
+        if self.retry_after is not None:
+            event["retry_after"] = self.retry_after
+        if self.client_msg_id is not None:
+            event["client_msg_id"] = self.client_msg_id
+        return event
 
 
-Command = SendMessage | SetUsername | Typing
+Command = SendMessage | SetUsername | Typing | Kick
 
 
 def parse_command(frame: dict[str, Any], settings: Settings) -> Command | Rejection:
@@ -97,7 +116,12 @@ def parse_command(frame: dict[str, Any], settings: Settings) -> Command | Reject
         return name if isinstance(name, Rejection) else SetUsername(name)
     if kind == "typing":
         return Typing()
-    return Rejection(ErrorCode.UNKNOWN_TYPE, 'unknown "type"; expected message, set_username or typing')
+    if kind == "kick":
+        target = data.get("client_id")
+        if not isinstance(target, str) or not 1 <= len(target) <= 64:
+            return Rejection(ErrorCode.INVALID_EVENT, 'kick needs the "client_id" of someone in the room')
+        return Kick(target)
+    return Rejection(ErrorCode.UNKNOWN_TYPE, 'unknown "type"; expected message, set_username, typing or kick')
 
 
 # --- Validation ------------------------------------------------------------------------------
@@ -199,13 +223,19 @@ def encode(event: dict[str, Any]) -> str:
     return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
 
 
-def welcome(room: str, client_id: str) -> dict[str, Any]:
-    return {
+def welcome(room: str, client_id: str, settings: Settings | None = None) -> dict[str, Any]:
+    event: dict[str, Any] = {
         "type": "system",
         "message": f"Welcome to room '{room}'!",
         "client_id": client_id,
         "timestamp": now(),
     }
+    if settings is not None:  # so that a client can pace itself (0: no limit)
+        event["limits"] = {
+            "messages_per_second": settings.rate_messages,
+            "messages_burst": settings.rate_messages_burst if settings.rate_messages else 0,
+        }
+    return event
 
 
 def presence(room: str, users: list[dict[str, str]]) -> dict[str, Any]:
@@ -278,6 +308,15 @@ def typing(username: str, client_id: str) -> dict[str, Any]:
 
 def rooms_update(rooms: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"type": "rooms_update", "rooms": rooms, "timestamp": now()}
+
+
+def kicked(username: str, client_id: str, by: str) -> dict[str, Any]:
+    return {
+        "type": "system",
+        "message": f"{username} was removed from the room by {by}",
+        "client_id": client_id,
+        "timestamp": now(),
+    }
 
 
 def error(code: str, message: str) -> dict[str, Any]:

@@ -248,7 +248,8 @@ class RedisBackplane(Backplane):
                         future.set_result(reply)
 
     def publish(self, event: RoomEvent) -> None:
-        payload = f"\t{event.exclude or ''}\n{event.text}"
+        # One header line (message id, exclude, kick: tab-separated), then the event.
+        payload = f"\t{event.exclude or ''}\t{event.kick or ''}\n{event.text}"
         channel = self._room_key(event.room, "events")
         self._send(lambda pipe: pipe.publish(channel, payload))
 
@@ -418,13 +419,13 @@ class RedisBackplane(Backplane):
         if room is None or room not in self._ready:
             return  # a late event for a room this process has left
         header, _, text = data.partition("\n")
-        message_id_text, _, exclude = header.partition("\t")
+        message_id_text, exclude, kick = [*header.split("\t"), "", ""][:3]
         message_id = int(message_id_text) if message_id_text else None
         if message_id is not None:
             if message_id <= self._caught_up_to.get(room, 0):
                 return  # delivered already, by the catch-up after a reconnect
             self._last_ids[room] = max(message_id, self._last_ids.get(room, 0))
-        self._deliver(RoomEvent(room, text, message_id, exclude or None))
+        self._deliver(RoomEvent(room, text, message_id, exclude or None, kick or None))
 
     def _room_of(self, channel: str) -> str | None:
         start, end = f"{self.prefix}room:", ":events"

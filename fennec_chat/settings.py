@@ -69,6 +69,37 @@ class Settings:
         5.0, "CHAT_REDIS_HEARTBEAT", "seconds between heartbeats; a silent process's users leave after ~3"
     )
     workers: int = setting(1, "CHAT_WORKERS", "uvicorn worker processes (more than 1 needs --redis-url)")
+    allowed_origins: str = setting(
+        "",
+        "CHAT_ALLOWED_ORIGINS",
+        "comma-separated origins whose pages may connect, '*' for any; default: this server's own and "
+        "'null' (a page opened from disk)",
+    )
+    jwt_secret: str = setting(
+        "", "CHAT_JWT_SECRET", "require a signed token (?token=) on every socket; the token names the user"
+    )
+    rate_messages: float = setting(
+        5.0, "CHAT_RATE_MESSAGES", "messages per second per connection (0: no limit)"
+    )
+    rate_messages_burst: int = setting(10, "CHAT_RATE_MESSAGES_BURST", "messages allowed in a burst")
+    rate_typing: float = setting(
+        1.0, "CHAT_RATE_TYPING", "typing notices per second (more are dropped; 0: no limit)"
+    )
+    rate_renames: float = setting(0.3, "CHAT_RATE_RENAMES", "renames per second (0: no limit)")
+    rate_renames_burst: int = setting(3, "CHAT_RATE_RENAMES_BURST", "renames allowed in a burst")
+    flood_warnings: int = setting(
+        20,
+        "CHAT_FLOOD_WARNINGS",
+        "rate_limited warnings (refilled 1/s) before a connection is closed (0: never)",
+    )
+    max_connections_per_ip: int = setting(
+        50, "CHAT_MAX_CONNECTIONS_PER_IP", "sockets one client address may hold (0: no limit)"
+    )
+    blocklist: str = setting(
+        "", "CHAT_BLOCKLIST", "file of words (one a line) masked with * in messages and names"
+    )
+    ssl_certfile: str = setting("", "CHAT_SSL_CERTFILE", "certificate (PEM) to serve https:// and wss://")
+    ssl_keyfile: str = setting("", "CHAT_SSL_KEYFILE", "private key (PEM) of --ssl-certfile")
     ws_compression: bool = setting(
         False,
         "CHAT_WS_COMPRESSION",
@@ -158,6 +189,17 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        for name in (
+            "rate_messages",
+            "rate_typing",
+            "rate_renames",
+            "flood_warnings",
+            "max_connections_per_ip",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("--ssl-certfile and --ssl-keyfile go together")
         if self.redis_heartbeat <= 0:
             raise ValueError("redis_heartbeat must be positive")
         if self.workers > 1 and not self.redis_url:

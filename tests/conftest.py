@@ -21,14 +21,22 @@ def server() -> Iterator[ServerProcess]:
     process.stop()
 
 
+@pytest.fixture(scope="session")
+def limited_server() -> Iterator[ServerProcess]:
+    """A shared server with the production rate limits, for the browser tests."""
+    process = ServerProcess([], {}, log_path("limited"), limits=True).start()
+    yield process
+    process.stop()
+
+
 @pytest.fixture
 def start_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., ServerProcess]]:
     """Start a dedicated server with extra flags or environment; stopped after the test."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    def start(*args: str, env: dict[str, str] | None = None, limits: bool = False) -> ServerProcess:
         name = f"{request.node.name}-{len(started)}"
-        process = ServerProcess(list(args), env or {}, log_path(name)).start()
+        process = ServerProcess(list(args), env or {}, log_path(name), limits=limits).start()
         started.append(process)
         return process
 

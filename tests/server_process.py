@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -17,6 +18,18 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 
 
+LIMITS_OFF = [
+    "--rate-messages",
+    "0",
+    "--rate-typing",
+    "0",
+    "--rate-renames",
+    "0",
+    "--max-connections-per-ip",
+    "0",
+]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -26,11 +39,24 @@ def free_port() -> int:
 class ServerProcess:
     """`python server.py` in a child process, with its output kept in a log file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, port: int | None = None) -> None:
-        """Listens on `port` (a free one if None), passed as --port unless PORT is in `env`."""
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        port: int | None = None,
+        limits: bool = False,
+    ) -> None:
+        """Listens on `port` (a free one if None), passed as --port unless PORT is in `env`.
+
+        Rate limits and the per-address cap are off unless `limits`: most tests send bursts,
+        and all of them come from 127.0.0.1.
+        """
         self.port = port or free_port()
         self.log_path = log_path
         self.args = args if "PORT" in env else ["--port", str(self.port), *args]
+        if not limits:
+            self.args += LIMITS_OFF
         if "--db" not in args and "CHAT_DB" not in env:
             self.db_path = log_path.with_suffix(".db")
             for stale in log_path.parent.glob(log_path.stem + ".db*"):
@@ -40,12 +66,21 @@ class ServerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
+    def secure(self) -> bool:
+        return "--ssl-certfile" in self.args
+
+    @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.secure else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+        return f"{'wss' if self.secure else 'ws'}://127.0.0.1:{self.port}"
+
+    def _get(self, path: str, timeout: float):
+        # A test's self-signed certificate is checked by the test itself, not here.
+        context = ssl._create_unverified_context() if self.secure else None
+        return urllib.request.urlopen(self.http_url + path, timeout=timeout, context=context)
 
     def start(self, timeout: float = 15) -> ServerProcess:
         with self.log_path.open("ab") as log:
@@ -61,7 +96,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(self.http_url + "/health", timeout=1):
+                with self._get("/health", timeout=1):
                     return self
             except OSError:
                 time.sleep(0.05)
@@ -83,7 +118,7 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def health(self) -> dict:
-        with urllib.request.urlopen(self.http_url + "/health", timeout=5) as response:
+        with self._get("/health", timeout=5) as response:
             return json.load(response)
 
     async def connect(self, path: str, **kwargs) -> ChatClient:

@@ -19,7 +19,8 @@ def assert_recent_utc(timestamp: str) -> None:
 async def test_newcomer_gets_welcome_then_presence_with_itself(server, room):
     alice = await server.connect(f"/ws/chat/{room}?username=alice")
     welcome = await alice.expect("system", message=f"Welcome to room '{room}'!")
-    assert set(welcome) == {"type", "message", "client_id", "timestamp"}
+    assert set(welcome) == {"type", "message", "client_id", "timestamp", "limits"}
+    assert set(welcome["limits"]) == {"messages_per_second", "messages_burst"}
     assert_recent_utc(welcome["timestamp"])
 
     presence = await alice.expect("presence", room=room)

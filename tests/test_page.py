@@ -7,12 +7,24 @@ import asyncio
 import base64
 import json
 import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 
 import pytest
 from playwright.async_api import Browser, Page, expect
 
 from tests.browser import PageProblems
-from tests.server_process import ARTIFACTS, ROOT, ServerProcess, log_path
+from tests.server_process import ARTIFACTS, ROOT, ServerProcess, free_port, log_path
+
+
+@pytest.fixture
+def server(limited_server: ServerProcess) -> ServerProcess:
+    """The browser tests run against the production limits, as a browser would meet them."""
+    return limited_server
+
 
 XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
 
@@ -268,7 +280,7 @@ async def test_typing_a_room_name_switches_rooms(browser, server, room):
 async def test_the_page_reconnects_after_a_restart_and_delivers_what_was_written_meanwhile(
     browser, request, room
 ):
-    server = ServerProcess([], {}, log_path(f"{request.node.name}-first")).start()
+    server = ServerProcess([], {}, log_path(f"{request.node.name}-first"), limits=True).start()
     alice = await ChatPage.open(browser, page_url(server, room), name="Alice")
     bob = await ChatPage.open(browser, page_url(server, room), name="Bob")
     await bob.say("before the restart")
@@ -285,7 +297,7 @@ async def test_the_page_reconnects_after_a_restart_and_delivers_what_was_written
     # Same port, same database. The two pages come back in whatever order their backoff
     # picks; Bob resumes from his last message id, so he gets Alice's message either way.
     restarted = ServerProcess(
-        ["--db", str(server.db_path)], {}, log_path(f"{request.node.name}-2"), port=server.port
+        ["--db", str(server.db_path)], {}, log_path(f"{request.node.name}-2"), port=server.port, limits=True
     )
     restarted.start()
     try:
@@ -326,7 +338,7 @@ async def test_a_reload_keeps_the_conversation_without_duplicates(browser, serve
 
 
 async def test_a_reconnect_resumes_with_exactly_the_missed_messages(browser, request, room):
-    server = ServerProcess([], {}, log_path(f"{request.node.name}-first")).start()
+    server = ServerProcess([], {}, log_path(f"{request.node.name}-first"), limits=True).start()
     alice = await ChatPage.open(browser, page_url(server, room), name="Alice")
     await alice.say("one")
     await expect(alice.message_with("one")).not_to_have_class(re.compile("pending"))
@@ -334,7 +346,7 @@ async def test_a_reconnect_resumes_with_exactly_the_missed_messages(browser, req
     await expect(alice.page.locator("#retry-button")).to_be_visible()
 
     restarted = ServerProcess(
-        ["--db", str(server.db_path)], {}, log_path(f"{request.node.name}-2"), port=server.port
+        ["--db", str(server.db_path)], {}, log_path(f"{request.node.name}-2"), port=server.port, limits=True
     )
     restarted.start()
     try:
@@ -355,13 +367,15 @@ async def test_a_reconnect_resumes_with_exactly_the_missed_messages(browser, req
 
 
 async def test_a_different_history_replaces_what_the_page_shows(browser, request, room):
-    server = ServerProcess([], {}, log_path(f"{request.node.name}-first")).start()
+    server = ServerProcess([], {}, log_path(f"{request.node.name}-first"), limits=True).start()
     alice = await ChatPage.open(browser, page_url(server, room))
     await alice.say("from the old history")
     await expect(alice.message_with("from the old history")).not_to_have_class(re.compile("pending"))
     server.stop()
     # The store is replaced: a new database file, so a new epoch.
-    replaced = ServerProcess([], {}, log_path(f"{request.node.name}-second"), port=server.port).start()
+    replaced = ServerProcess(
+        [], {}, log_path(f"{request.node.name}-second"), port=server.port, limits=True
+    ).start()
     try:
         writer = await replaced.connect(f"/ws/chat/{room}?username=Writer")
         await writer.joined()
@@ -376,14 +390,16 @@ async def test_a_different_history_replaces_what_the_page_shows(browser, request
 
 
 async def test_retry_now_reconnects_at_once(browser, request, room):
-    server = ServerProcess([], {}, log_path(f"{request.node.name}-first")).start()
+    server = ServerProcess([], {}, log_path(f"{request.node.name}-first"), limits=True).start()
     alice = await ChatPage.open(browser, page_url(server, room))
     server.stop()
     await expect(alice.page.locator("#retry-button")).to_be_visible()
     # Push the backoff to its 10 s ceiling, then bring the server back and press the button.
     await alice.page.evaluate("Math.random = () => 0.999; chat.attempt = 10")
     await expect(alice.page.locator("#status-text")).to_have_text("Reconnecting in 10 s")
-    restarted = ServerProcess([], {}, log_path(f"{request.node.name}-second"), port=server.port).start()
+    restarted = ServerProcess(
+        [], {}, log_path(f"{request.node.name}-second"), port=server.port, limits=True
+    ).start()
     try:
         await alice.page.locator("#retry-button").click()
         await alice.wait_connected(timeout=3_000)
@@ -393,14 +409,16 @@ async def test_retry_now_reconnects_at_once(browser, request, room):
 
 
 async def test_the_page_comes_back_at_once_when_the_network_returns(browser, request, room):
-    server = ServerProcess([], {}, log_path(f"{request.node.name}-first")).start()
+    server = ServerProcess([], {}, log_path(f"{request.node.name}-first"), limits=True).start()
     alice = await ChatPage.open(browser, page_url(server, room))
     await alice.page.context.set_offline(True)
     server.stop()
     await expect(alice.status).to_have_attribute("data-state", "offline")
     await expect(alice.page.locator("#status-text")).to_contain_text("Offline")
     await alice.page.evaluate("chat.attempt = 10")  # the backoff alone would wait up to 10 s
-    restarted = ServerProcess([], {}, log_path(f"{request.node.name}-second"), port=server.port).start()
+    restarted = ServerProcess(
+        [], {}, log_path(f"{request.node.name}-second"), port=server.port, limits=True
+    ).start()
     try:
         await alice.page.context.set_offline(False)  # fires the browser's 'online' event
         await alice.wait_connected(timeout=3_000)
@@ -410,12 +428,14 @@ async def test_the_page_comes_back_at_once_when_the_network_returns(browser, req
 
 
 async def test_the_page_retries_at_once_when_the_tab_becomes_visible_again(browser, request, room):
-    server = ServerProcess([], {}, log_path(f"{request.node.name}-first")).start()
+    server = ServerProcess([], {}, log_path(f"{request.node.name}-first"), limits=True).start()
     alice = await ChatPage.open(browser, page_url(server, room))
     server.stop()
     await alice.page.evaluate("Math.random = () => 0.999; chat.attempt = 10")
     await expect(alice.page.locator("#status-text")).to_have_text("Reconnecting in 10 s")
-    restarted = ServerProcess([], {}, log_path(f"{request.node.name}-second"), port=server.port).start()
+    restarted = ServerProcess(
+        [], {}, log_path(f"{request.node.name}-second"), port=server.port, limits=True
+    ).start()
     try:
         await alice.page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
         await alice.wait_connected(timeout=3_000)
@@ -425,7 +445,7 @@ async def test_the_page_retries_at_once_when_the_tab_becomes_visible_again(brows
 
 
 async def test_at_most_50_messages_wait_for_the_connection(browser, request, room):
-    server = ServerProcess([], {}, log_path(request.node.name)).start()
+    server = ServerProcess([], {}, log_path(request.node.name), limits=True).start()
     alice = await ChatPage.open(browser, page_url(server, room))
     server.stop()
     await expect(alice.page.locator("#retry-button")).to_be_visible()
@@ -548,4 +568,107 @@ async def test_screenshot_of_two_tabs_mid_conversation(browser, start_server):
     assert path.stat().st_size > 20_000
     await composer.close()
     await alice.close()
+    await bob.close()
+
+
+async def test_a_burst_of_messages_is_paced_to_the_servers_limit_not_refused(browser, server, room):
+    alice = await ChatPage.open(browser, page_url(server, room))
+    bob = await ChatPage.open(browser, page_url(server, room))
+    # 25 messages at once: 10 go at once (the burst), the rest at the server's 5 a second.
+    await alice.page.evaluate("for (let n = 0; n < 25; n++) sendMessage(`paced ${n}`)")
+    expected = [f"paced {n}" for n in range(25)]
+    await expect(bob.messages.locator(".text")).to_have_text(expected, timeout=15_000)
+    await expect(alice.page.locator("#messages .message.pending")).to_have_count(0)
+    await expect(alice.page.locator("#notices .notice")).to_have_count(0)  # nothing was refused
+    await alice.close()
+    await bob.close()
+
+
+async def test_the_page_runs_under_its_content_security_policy(browser, server, room):
+    alice = await ChatPage.open(browser, page_url(server, room))
+    violations: list[str] = []
+    alice.page.on(
+        "console",
+        lambda message: violations.append(message.text) if "Content Security" in message.text else None,
+    )
+    await alice.page.reload()
+    await alice.wait_connected()
+    await alice.say("under CSP")
+    await expect(alice.message_with("under CSP")).not_to_have_class(re.compile("pending"))
+    policy = await alice.page.evaluate(
+        "fetch(location.href).then(r => r.headers.get('content-security-policy'))"
+    )
+    assert "default-src 'none'" in policy
+    assert violations == []
+    await alice.close()
+
+
+@pytest.fixture
+def other_site() -> Iterator[str]:
+    """Another site on this machine: a plain file server on another port, serving the page.
+    (A page from a public site could not reach 127.0.0.1 at all: Chromium blocks that itself.)"""
+    port = free_port()
+    files = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(ROOT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(100):  # until it listens
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    files.terminate()
+    files.wait()
+
+
+async def test_a_page_from_another_site_is_refused_and_says_why(browser, server, room, other_site):
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(f"{other_site}/client.html?server={server.ws_url}&room={room}")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "refused")
+    await expect(page.locator("#status-text")).to_contain_text(f"origin {other_site} is not allowed")
+    await context.close()
+
+
+@pytest.fixture
+def token_server(start_server) -> ServerProcess:
+    return start_server(env={"CHAT_JWT_SECRET": "page-test-secret"}, limits=True)
+
+
+async def test_a_token_in_the_page_url_signs_in(browser, token_server, room):
+    from fennec_chat.gate import Tokens
+
+    token = Tokens("page-test-secret").mint("Alice", ttl=600)
+    alice = await ChatPage.open(browser, f"{token_server.http_url}/?room={room}&token={token}")
+    await expect(alice.page.locator("#user-list")).to_contain_text("Alice")
+    assert "token=" not in alice.page.url  # kept for the tab, out of the address bar
+    await expect(alice.page.locator("#name-input")).to_be_disabled()
+    await alice.page.reload()
+    await alice.wait_connected()
+    await expect(alice.page.locator("#user-list")).to_contain_text("Alice")
+    await alice.close()
+
+
+async def test_a_kicked_page_says_so_and_does_not_come_back(browser, token_server, room):
+    from fennec_chat.gate import Tokens
+
+    tokens = Tokens("page-test-secret")
+    bob = await ChatPage.open(browser, f"{token_server.http_url}/?room={room}&token={tokens.mint('Bob')}")
+    admin = await token_server.connect(f"/ws/chat/{room}?token={tokens.mint('Mod', admin=True)}")
+    _, presence = await admin.joined()
+    bob_id = next(user["client_id"] for user in presence["users"] if user["username"] == "Bob")
+    attempts = []
+    bob.page.on("websocket", lambda ws: attempts.append(ws.url) if "/ws/chat/" in ws.url else None)
+    await admin.send(type="kick", client_id=bob_id)
+    await expect(bob.status).to_have_attribute("data-state", "refused")
+    await expect(bob.page.locator("#status-text")).to_contain_text("removed from this room")
+    await expect(bob.page.locator("#messages .system-line").last).to_contain_text(
+        "Bob was removed from the room by Mod"
+    )
+    await asyncio.sleep(2)
+    assert attempts == []
+    await admin.close()
     await bob.close()

@@ -293,3 +293,22 @@ async def test_workers_share_rooms_through_redis(start_server, redis_server, roo
         await client.wait_for("message", message="to every worker")
     for client in clients:
         await client.close()
+
+
+async def test_an_admin_can_kick_someone_on_the_other_process(start_server, redis_server, room):
+    from fennec_chat.gate import Tokens
+
+    secret = {"CHAT_JWT_SECRET": "redis-kick-secret"}
+    flags = ("--redis-url", redis_server.url, "--redis-heartbeat", "0.5")
+    one, two = start_server(*flags, env=secret), start_server(*flags, env=secret)
+    tokens = Tokens("redis-kick-secret")
+    admin = await one.connect(f"/ws/chat/{room}?token={tokens.mint('mod', admin=True)}")
+    await admin.joined()
+    target = await two.connect(f"/ws/chat/{room}?token={tokens.mint('troll')}")
+    target_id, _ = await target.joined()
+    await admin.wait_for("user_joined", username="troll")
+    await admin.send(type="kick", client_id=target_id)
+    assert (await admin.wait_for("system"))["message"] == "troll was removed from the room by mod"
+    await admin.wait_for("user_left", client_id=target_id)
+    assert await target.close_code() == (4001, "kicked")
+    await admin.close()
