@@ -86,11 +86,20 @@ NO_LIMITS = [
 
 
 def chat_server(*flags: str, name: str = "fennec-chat") -> Server:
-    """This project's server.py, with the limits that would distort a benchmark turned off."""
+    """This project's server.py as configured by default (history in a fresh SQLite file),
+    with the limits that would distort a benchmark turned off."""
+    history = [] if "--no-history" in flags or "--db" in flags or any("redis" in flag for flag in flags) else ["--db", temporary_db()]
     return Server(
         name,
-        [sys.executable, "server.py", "--port", "{port}", "--log-level", "warning", *NO_LIMITS, *flags],
+        [sys.executable, "server.py", "--port", "{port}", "--log-level", "warning", *NO_LIMITS, *history, *flags],
     )
+
+
+def reference_server(compression: bool = False) -> Server:
+    """The websockets library's own server speaking the same protocol (bench/reference_server.py)."""
+    name = "websockets reference" + (" (deflate)" if compression else "")
+    flags = ["--compression"] if compression else []
+    return Server(name, [sys.executable, "bench/reference_server.py", "--port", "{port}", *flags])
 
 
 def temporary_db() -> str:

@@ -524,6 +524,8 @@ async def test_on_a_narrow_screen_the_side_panel_hides_behind_a_button(browser, 
 async def test_entry_animations_respect_reduced_motion(browser, server, room, motion):
     alice = await ChatPage.open(browser, page_url(server, room), reduced_motion=motion)
     await alice.say("animated?")
+    # The pending bubble is replaced by the server's copy: look at the one that stays.
+    await expect(alice.message_with("animated?")).not_to_have_class(re.compile("pending"))
     name = await alice.message_with("animated?").evaluate("node => getComputedStyle(node).animationName")
     assert name == ("none" if motion == "reduce" else "rise")
     await alice.close()
