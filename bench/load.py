@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
+import statistics
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from bench.servers import Server
 
@@ -25,30 +30,33 @@ class Room:
         await asyncio.gather(*(member.close() for member in self.members), return_exceptions=True)
 
 
+async def connect_many(
+    urls: list[str], compression: str | None = None, parallel: int = 100
+) -> list[ClientConnection]:
+    gate = asyncio.Semaphore(parallel)
+
+    async def one(url: str) -> ClientConnection:
+        async with gate:
+            return await connect(
+                url, compression=compression, max_size=None, max_queue=None, open_timeout=120
+            )
+
+    return list(await asyncio.gather(*(one(url) for url in urls)))
+
+
 async def open_room(
-    servers: Server | list[Server], size: int, compression: str | None = None, parallel: int = 100
+    servers: Server | list[Server], size: int, compression: str | None = None, name: str | None = None
 ) -> Room:
     """`size` clients in a fresh room, every one ready (it has seen a message sent after it joined).
 
     With several servers, the clients are spread over them in turn; the first is on the first.
     """
-    name = f"bench-{uuid.uuid4().hex[:10]}"
-    gate = asyncio.Semaphore(parallel)
+    name = name or f"bench-{uuid.uuid4().hex[:10]}"
     servers = servers if isinstance(servers, list) else [servers]
-
-    async def join(number: int) -> ClientConnection:
-        async with gate:
-            return await connect(
-                f"{servers[number % len(servers)].url}/ws/chat/{name}",
-                compression=compression,
-                max_size=None,
-                max_queue=None,
-                open_timeout=60,
-            )
-
-    members = list(await asyncio.gather(*(join(number) for number in range(size))))
+    urls = [f"{servers[number % len(servers)].url}/ws/chat/{name}" for number in range(size)]
+    members = await connect_many(urls, compression)
     room = Room(name, members)
-    await broadcast_and_wait(room, members[0], f"{MARK}ready")
+    await broadcast_and_wait(room, members[0], f"{MARK}ready-{uuid.uuid4().hex[:6]}")
     return room
 
 
@@ -63,17 +71,23 @@ async def next_marked(ws: ClientConnection) -> list[str]:
             event = json.loads(frame)
             if event["type"] == "history":
                 return [message["message"] for message in event["messages"] if MARK in message["message"]]
-            return [event["message"]]
+            if event["type"] == "message":
+                return [event["message"]]
 
 
 async def broadcast_and_wait(room: Room, sender: ClientConnection, text: str) -> None:
     await sender.send(json.dumps({"type": "message", "message": text}))
-    await asyncio.gather(*(wait_for_text(member, text) for member in room.members))
+    await asyncio.wait_for(asyncio.gather(*(wait_for_text(member, text) for member in room.members)), 120)
 
 
 async def wait_for_text(ws: ClientConnection, text: str) -> None:
     while text not in await next_marked(ws):
         pass
+
+
+def message(room: Room, number: int, text: str) -> str:
+    # A client_msg_id on every message, as the browser page sends them.
+    return json.dumps({"type": "message", "message": text, "client_msg_id": f"{room.name}-{number}"})
 
 
 async def fan_out(room: Room, messages: int, window: int, cpu_seconds: Callable[[], float]) -> dict:
@@ -100,12 +114,8 @@ async def fan_out(room: Room, messages: int, window: int, cpu_seconds: Callable[
         while number - echoed >= window:
             echo.clear()
             await echo.wait()
-        # A client_msg_id on every message, as the browser page sends them.
-        text = f"{MARK}{number} lorem ipsum dolor sit"
-        await sender.send(
-            json.dumps({"type": "message", "message": text, "client_msg_id": f"{room.name}-{number}"})
-        )
-    await asyncio.gather(*receivers)
+        await sender.send(message(room, number, f"{MARK}{number} lorem ipsum dolor sit"))
+    await asyncio.wait_for(asyncio.gather(*receivers), 300)
     elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu_before
     deliveries = messages * len(room.members)
     return {
@@ -113,3 +123,105 @@ async def fan_out(room: Room, messages: int, window: int, cpu_seconds: Callable[
         "messages_per_s": messages / elapsed,
         "cpu_us_per_delivery": cpu / deliveries * 1e6,
     }
+
+
+async def latency(
+    room: Room, rate: float, seconds: float, readers: list[ClientConnection] | None = None, size: int = 0
+) -> dict:
+    """The first member sends `rate` messages a second for `seconds`, each carrying its send
+    time; every other member (or `readers`) records how long each took to arrive."""
+    sender = room.members[0]
+    readers = readers if readers is not None else room.members[1:]
+    count = int(rate * seconds)
+    samples: list[float] = []
+
+    async def read(ws: ClientConnection) -> None:
+        received = 0
+        while received < count:
+            frame = await ws.recv()
+            at = frame.find(MARK + "t=")
+            if at == -1:
+                continue
+            sent = float(frame[at + len(MARK) + 2 : frame.index(" ", at)])
+            samples.append(time.perf_counter() - sent)
+            received += 1
+
+    tasks = [asyncio.create_task(read(ws)) for ws in readers]
+    start = time.perf_counter()
+    for number in range(count):
+        delay = start + number / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        text = f"{MARK}t={time.perf_counter():.6f} lorem ipsum"
+        await sender.send(message(room, number, text.ljust(size, ".")))
+    await asyncio.wait_for(asyncio.gather(*tasks), seconds + 120)
+    samples.sort()
+    return {
+        "p50_ms": statistics.median(samples) * 1000,
+        "p99_ms": samples[int(len(samples) * 0.99)] * 1000,
+        "max_ms": samples[-1] * 1000,
+    }
+
+
+class Sink:
+    """A room member that takes every byte and looks at none of them: it costs the load
+    generator almost nothing, so that the latency it measures is the server's, not its own.
+    It does its own WebSocket handshake and then just reads (it never answers pings, so it is
+    only for runs of seconds)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.task = asyncio.create_task(self._swallow(reader))
+
+    @classmethod
+    async def join(cls, server: Server, room: str) -> Sink:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /ws/chat/{room} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise RuntimeError(f"handshake refused: {head[:80]!r}")
+        return cls(reader, writer)
+
+    async def _swallow(self, reader: asyncio.StreamReader) -> None:
+        while await reader.read(1 << 16):
+            pass
+
+    def close(self) -> None:
+        self.task.cancel()
+        self.writer.transport.abort()
+
+
+async def sinks(server: Server, room: Room, count: int) -> list[Sink]:
+    members = [await Sink.join(server, room.name) for _ in range(count)]
+    await asyncio.sleep(0.3)  # let their joins settle
+    return members
+
+
+async def stalled_member(server: Server, room: Room) -> ClientConnection:
+    """A member that never reads: a tiny receive buffer, and a client that stops after one frame."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", server.port))
+    return await connect(f"{server.url}/ws/chat/{room.name}", sock=raw, max_queue=1, max_size=None)
+
+
+async def close_code_of(ws: ClientConnection, timeout: float = 30) -> int | None:
+    """Read whatever is left until the connection ends; the close code the server sent."""
+
+    async def drain() -> None:
+        try:
+            while True:
+                await ws.recv()
+        except ConnectionClosed:
+            return
+
+    try:
+        await asyncio.wait_for(drain(), timeout)
+    except asyncio.TimeoutError:
+        return None
+    received = ws.protocol.close_rcvd
+    return received.code if received else None

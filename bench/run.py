@@ -1,8 +1,9 @@
 """Run the benchmarks: `python -m bench.run [workload ...]` (`make bench`).
 
-Every workload measures the servers it compares in the same run, interleaved over several
-rounds, and reports medians and the median of the per-round ratios: absolute rates swing by
-a quarter from run to run on a small machine, ratios much less.
+Every workload measures this project's server and the one it is compared with in the same
+run, interleaved over several rounds, and reports medians and the median of the per-round
+ratios: absolute rates swing by a quarter from run to run on a small machine, ratios much less.
+The reference is the websockets library's own server (bench/reference_server.py).
 """
 
 from __future__ import annotations
@@ -12,21 +13,32 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from bench.load import fan_out, open_room
-from bench.servers import Server, chat_server, redis_server, temporary_db
+from bench.load import (
+    Room,
+    close_code_of,
+    connect_many,
+    fan_out,
+    latency,
+    open_room,
+    sinks,
+    stalled_member,
+    wait_for_text,
+)
+from bench.servers import Server, chat_server, redis_server, reference_server, temporary_db
 
 
 @dataclass
 class Report:
     workload: str
-    rows: list[dict] = field(default_factory=list)  # one per server: medians of its rounds
-    summary: dict = field(default_factory=dict)  # ratios and verdicts
+    rows: list[dict] = field(default_factory=list)  # one per server and case: medians of its rounds
+    summary: dict = field(default_factory=dict)  # ratios, targets and verdicts
 
     def lines(self) -> list[str]:
         return [json.dumps({"workload": self.workload, **row}) for row in self.rows] + [
@@ -38,54 +50,374 @@ def median_of(rounds: list[dict], key: str) -> float:
     return statistics.median(result[key] for result in rounds)
 
 
-async def compare(
+def median_ratio(ours: list[dict], theirs: list[dict], key: str) -> float:
+    return statistics.median(a[key] / b[key] for a, b in zip(ours, theirs, strict=True))
+
+
+async def interleaved(
     servers: list[Server], rounds: int, run_once: Callable[[Server], Awaitable[dict]]
 ) -> dict[str, list[dict]]:
-    """Run `run_once` against each server in turn, `rounds` times, alternating who goes first."""
+    """Run `run_once` against each server in turn, `rounds` times, alternating who goes first,
+    after one round that is not counted (caches, allocators and the load generator warm up)."""
+    for server in servers:
+        await run_once(server)
     results: dict[str, list[dict]] = {server.name: [] for server in servers}
     for number in range(rounds):
-        order = servers if number % 2 == 0 else list(reversed(servers))
-        for server in order:
+        for server in servers if number % 2 == 0 else list(reversed(servers)):
             results[server.name].append(await run_once(server))
     return results
 
 
-# --- Workloads ---------------------------------------------------------------------------------
+def verdict(value: float, limit: float) -> dict:
+    return {"ratio": round(value, 3), "target": f"<= {limit}", "met": value <= limit}
+
+
+def started(*servers: Server) -> list[Server]:
+    return [server.start() for server in servers]
+
+
+def stop(servers: list[Server]) -> None:
+    for server in servers:
+        server.stop()
+
+
+# --- Fan-out -------------------------------------------------------------------------------------
+
+
+async def fanout(args: argparse.Namespace) -> Report:
+    """N receivers + 1 sender; server CPU per delivered message, against the reference."""
+    servers = started(chat_server(), reference_server())
+    ours, reference = servers
+    report = Report("fan-out: 1 sender + N receivers, 20 messages in flight, server CPU per delivery")
+    try:
+        for receivers in (10, 100, 500):
+            messages = max(200, min(4000, 400_000 // (receivers + 1))) // (10 if args.quick else 1)
+
+            async def run_once(server: Server, receivers: int = receivers, messages: int = messages) -> dict:
+                room = await open_room(server, receivers + 1)
+                try:
+                    return await fan_out(room, messages, window=20, cpu_seconds=server.cpu_seconds)
+                finally:
+                    await room.close()
+
+            results = await interleaved(servers, args.rounds, run_once)
+            for server in servers:
+                report.rows.append(
+                    {
+                        "server": server.name,
+                        "N": receivers,
+                        "deliveries_per_s": round(median_of(results[server.name], "deliveries_per_s")),
+                        "cpu_us_per_delivery": round(
+                            median_of(results[server.name], "cpu_us_per_delivery"), 2
+                        ),
+                    }
+                )
+            ratio = median_ratio(results[ours.name], results[reference.name], "cpu_us_per_delivery")
+            report.summary[f"N={receivers}"] = (
+                verdict(ratio, 1.10) if receivers >= 100 else {"ratio": round(ratio, 3)}
+            )
+    finally:
+        stop(servers)
+    return report
+
+
+async def browser_like(args: argparse.Namespace) -> Report:
+    """Clients that offer permessage-deflate, as browsers do: this project declines it (the
+    default), the reference accepts it (its default)."""
+    servers = started(chat_server(), reference_server(compression=True))
+    ours, reference = servers
+    messages = 300 if args.quick else 3000
+
+    async def run_once(server: Server) -> dict:
+        room = await open_room(server, 101, compression="deflate")
+        try:
+            return await fan_out(room, messages, window=20, cpu_seconds=server.cpu_seconds)
+        finally:
+            await room.close()
+
+    try:
+        results = await interleaved(servers, args.rounds, run_once)
+    finally:
+        stop(servers)
+    report = Report("browser-like clients (deflate offered): 1 sender + 100 receivers, CPU per delivery")
+    for server in servers:
+        report.rows.append(
+            {
+                "server": server.name,
+                "deliveries_per_s": round(median_of(results[server.name], "deliveries_per_s")),
+                "cpu_us_per_delivery": round(median_of(results[server.name], "cpu_us_per_delivery"), 2),
+            }
+        )
+    ratio = median_ratio(results[ours.name], results[reference.name], "cpu_us_per_delivery")
+    report.summary = verdict(ratio, 0.5)
+    return report
+
+
+# --- Latency ---------------------------------------------------------------------------------------
+
+
+async def latency_workload(args: argparse.Namespace) -> Report:
+    """A sender at a fixed rate into a 100-client room: one-way latency percentiles."""
+    servers = started(chat_server(), reference_server())
+    ours, reference = servers
+    seconds = 1.0 if args.quick else 4.0
+    report = Report("latency: a sender at a fixed rate into a 100-client room")
+    try:
+        for rate in (50, 500):
+
+            async def run_once(server: Server, rate: int = rate) -> dict:
+                return await measured_room_latency(server, rate, seconds)
+
+            results = await interleaved(servers, args.rounds, run_once)
+            for server in servers:
+                report.rows.append(
+                    {"server": server.name, "rate": rate}
+                    | {
+                        key: round(median_of(results[server.name], key), 2)
+                        for key in ("p50_ms", "p99_ms", "max_ms")
+                    }
+                )
+            ratio = median_ratio(results[ours.name], results[reference.name], "p99_ms")
+            report.summary[f"{rate}/s p99"] = (
+                verdict(ratio, 1.15) if rate == 500 else {"ratio": round(ratio, 3)}
+            )
+    finally:
+        stop(servers)
+    return report
+
+
+# --- Memory ----------------------------------------------------------------------------------------
+
+
+async def memory(args: argparse.Namespace) -> Report:
+    """Server RSS per idle browser-like connection (deflate offered), and what is left after
+    they close; then 10,000 idle connections beside a busy room."""
+    raise_file_limit()
+    count = 200 if args.quick else 2000
+    report = Report("memory: idle browser-like connections (deflate offered), in rooms of 20")
+    for server in (chat_server(), reference_server(compression=True), reference_server()):
+        server.start()
+        try:
+            report.rows.append(
+                {"server": server.name, "connections": count} | await idle_memory(server, count)
+            )
+        finally:
+            server.stop()
+    ours = report.rows[0]
+    report.summary = {
+        "KiB per connection": {
+            "value": ours["kib_per_connection"],
+            "target": "<= 20",
+            "met": ours["kib_per_connection"] <= 20,
+        },
+        "KiB left per connection after a cycle": {
+            "value": ours["kib_left_per_connection"],
+            "target": "<= 0.5",
+            "met": ours["kib_left_per_connection"] <= 0.5,
+        },
+    }
+    if not args.quick:
+        report.summary["10,000 idle beside a 100-client room"] = await crowded_room(args)
+    return report
+
+
+async def idle_memory(server: Server, count: int) -> dict:
+    """RSS per connection while `count` are open, and the growth one more connect/close cycle
+    leaves behind (what a leak shows; the first cycle's memory stays with the allocator)."""
+
+    async def cycle() -> tuple[int, int]:
+        urls = [f"{server.url}/ws/chat/idle-{number // 20}" for number in range(count)]
+        clients = await connect_many(urls, compression="deflate")
+        await asyncio.sleep(2)
+        held = server.rss_bytes()
+        await asyncio.gather(*(client.close() for client in clients))
+        await asyncio.sleep(2)
+        return held, server.rss_bytes()
+
+    await connect_many([f"{server.url}/ws/chat/warm-up"] * 5)  # imports and first allocations
+    await asyncio.sleep(1)
+    before = server.rss_bytes()
+    held, after_first = await cycle()
+    _, after_second = await cycle()
+    return {
+        "kib_per_connection": round((held - before) / count / 1024, 2),
+        "kib_left_per_connection": round(max(0, after_second - after_first) / count / 1024, 3),
+    }
+
+
+async def crowded_room(args: argparse.Namespace) -> dict:
+    """p99 latency of a 100-client room at 500 msg/s beside 10,000 idle connections, against
+    the same room on an otherwise empty server."""
+    server = chat_server().start()
+    try:
+        empty = [await room_p99(server) for _ in range(args.rounds)]
+        urls = [f"{server.url}/ws/chat/crowd-{number // 50}" for number in range(10_000)]
+        crowd = await connect_many(urls, compression="deflate", parallel=200)
+        await asyncio.sleep(3)
+        rss = server.rss_bytes()
+        crowded = [await room_p99(server) for _ in range(args.rounds)]
+        held = sum(1 for client in crowd if client.protocol.state.name == "OPEN")
+        await asyncio.gather(*(client.close() for client in crowd), return_exceptions=True)
+    finally:
+        server.stop()
+    ratio = statistics.median(crowded) / statistics.median(empty)
+    return {
+        "held": held,
+        "rss_mib": round(rss / 2**20),
+        "p99_ms_empty": round(statistics.median(empty), 2),
+        "p99_ms_crowded": round(statistics.median(crowded), 2),
+    } | verdict(ratio, 1.2)
+
+
+async def room_p99(server: Server) -> float:
+    return (await measured_room_latency(server, 500, 3.0))["p99_ms"]
+
+
+async def measured_room_latency(
+    server: Server, rate: float, seconds: float, size: int = 0, stall: bool = False
+) -> dict:
+    """A 100-client room: a sender, 10 members that measure, 89 sinks that only read, and
+    with `stall` one more member that never reads (then: the close code it finally got)."""
+    room = await open_room(server, 11)
+    quiet = await sinks(server, room, 89)
+    stalled = await stalled_member(server, room) if stall else None
+    try:
+        result = await latency(room, rate, seconds, size=size)
+        if stalled is not None:
+            result["stalled_member_closed_with"] = await close_code_of(stalled, timeout=20)
+        return result
+    finally:
+        for sink in quiet:
+            sink.close()
+        await room.close()
+
+
+def raise_file_limit() -> None:
+    """10,000 sockets on each side need more file descriptors than the usual 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 30_000)), hard))
+
+
+# --- Slow consumers and churn ------------------------------------------------------------------------
+
+
+async def slow_consumer(args: argparse.Namespace) -> Report:
+    """p99 latency of a 100-client room (500 messages/s of ~2 KB) with and without one member
+    that never reads: the others must not notice, and the stalled one must be closed (1013)."""
+    servers = started(chat_server(), reference_server())
+    seconds = 2.0 if args.quick else 6.0
+    report = Report(
+        "slow consumer: a 100-client room, 500 msg/s of 2 KB, with and without a member that never reads"
+    )
+    try:
+        for server in servers:
+            without, with_stall, codes = [], [], []
+            for _ in range(args.rounds):
+                without.append((await measured_room_latency(server, 500, seconds, size=1900))["p99_ms"])
+                result = await measured_room_latency(server, 500, seconds, size=1900, stall=True)
+                with_stall.append(result["p99_ms"])
+                codes.append(result["stalled_member_closed_with"])
+            report.rows.append(
+                {
+                    "server": server.name,
+                    "p99_ms_no_stall": round(statistics.median(without), 2),
+                    "p99_ms_stalled_member": round(statistics.median(with_stall), 2),
+                    "stalled_member_closed_with": max(set(codes), key=codes.count),
+                }
+            )
+    finally:
+        stop(servers)
+    ours = report.rows[0]
+    report.summary = verdict(ours["p99_ms_stalled_member"] / ours["p99_ms_no_stall"], 1.1) | {
+        "stalled member closed with 1013": ours["stalled_member_closed_with"] == 1013
+    }
+    return report
+
+
+async def churn(args: argparse.Namespace) -> Report:
+    """5 rooms of 40; in each, half the members vanish at once while 200 messages go out. A room
+    is broken if a remaining member misses a message or the room stops working afterwards."""
+    servers = started(chat_server(), reference_server())
+    report = Report("churn: 5 rooms of 40, 20 members of each vanish at once mid-broadcast")
+    try:
+        for server in servers:
+            broken = 0
+            for _ in range(args.rounds):
+                rooms = [await open_room(server, 40) for _ in range(5)]
+                outcomes = await asyncio.gather(*(churn_room(room) for room in rooms))
+                broken += outcomes.count(False)
+            report.rows.append({"server": server.name, "rooms": 5 * args.rounds, "broken": broken})
+    finally:
+        stop(servers)
+    report.summary = {
+        "broken rooms (this project)": report.rows[0]["broken"],
+        "target": 0,
+        "met": report.rows[0]["broken"] == 0,
+    }
+    return report
+
+
+async def churn_room(room: Room, messages: int = 200) -> bool:
+    sender, leavers, stayers = room.members[0], room.members[20:], room.members[:20]
+    texts = [f"bench:churn {number}" for number in range(messages)]
+
+    async def send_all() -> None:
+        for number, text in enumerate(texts):
+            await sender.send(json.dumps({"type": "message", "message": text}))
+            if number == messages // 4:
+                for leaver in leavers:  # all at once, no close frame
+                    leaver.transport.abort()
+            await asyncio.sleep(0)
+
+    async def receive_all(ws) -> bool:
+        for text in texts:
+            await wait_for_text(ws, text)
+        return True
+
+    try:
+        await send_all()
+        await asyncio.wait_for(asyncio.gather(*(receive_all(ws) for ws in stayers)), 30)
+        await sender.send(json.dumps({"type": "message", "message": "bench:after"}))
+        await asyncio.wait_for(asyncio.gather(*(wait_for_text(ws, "bench:after") for ws in stayers)), 10)
+        return True
+    except (asyncio.TimeoutError, Exception):
+        return False
+    finally:
+        await asyncio.gather(*(ws.close() for ws in stayers), return_exceptions=True)
+
+
+# --- History and Redis -----------------------------------------------------------------------------
 
 
 async def history_throughput(args: argparse.Namespace) -> Report:
     """Message throughput with the SQLite history on, against the same server with --no-history."""
-    off = chat_server("--no-history", name="history off")
-    on = chat_server("--db", temporary_db(), name="history on (SQLite)")
-    servers = [off.start(), on.start()]
+    servers = started(
+        chat_server("--no-history", name="history off"), chat_server(name="history on (SQLite)")
+    )
+    off, on = servers
     messages = 300 if args.quick else 3000
 
     async def run_once(server: Server) -> dict:
         room = await open_room(server, 11)
         try:
-            return await fan_out(room, messages=messages, window=50, cpu_seconds=server.cpu_seconds)
+            return await fan_out(room, messages, window=50, cpu_seconds=server.cpu_seconds)
         finally:
             await room.close()
 
     try:
-        results = await compare(servers, args.rounds, run_once)
+        results = await interleaved(servers, args.rounds, run_once)
     finally:
-        for server in servers:
-            server.stop()
+        stop(servers)
     report = Report("history: 1 sender + 10 receivers, window 50")
-    for name, rounds in results.items():
+    for server in servers:
         report.rows.append(
             {
-                "server": name,
-                "messages_per_s": round(median_of(rounds, "messages_per_s")),
-                "cpu_us_per_delivery": round(median_of(rounds, "cpu_us_per_delivery"), 2),
+                "server": server.name,
+                "messages_per_s": round(median_of(results[server.name], "messages_per_s")),
+                "cpu_us_per_delivery": round(median_of(results[server.name], "cpu_us_per_delivery"), 2),
             }
         )
-    ratios = [
-        with_history["messages_per_s"] / without["messages_per_s"]
-        for with_history, without in zip(results[on.name], results[off.name], strict=True)
-    ]
-    ratio = statistics.median(ratios)
+    ratio = median_ratio(results[on.name], results[off.name], "messages_per_s")
     report.summary = {"throughput_on_vs_off": round(ratio, 3), "target": ">= 0.80", "met": ratio >= 0.8}
     return report
 
@@ -115,8 +447,7 @@ async def redis_scale(args: argparse.Namespace) -> Report:
                 finally:
                     await room.close()
     finally:
-        for server in [single, *pair, redis]:
-            server.stop()
+        stop([single, *pair, redis])
     report = Report(f"redis: 1 sender + {receivers} receivers, {messages} messages, window 20")
     for name, rounds in results.items():
         report.rows.append(
@@ -126,15 +457,18 @@ async def redis_scale(args: argparse.Namespace) -> Report:
                 "cpu_us_per_delivery": round(median_of(rounds, "cpu_us_per_delivery"), 2),
             }
         )
-    ratios = [
-        spread["deliveries_per_s"] / alone["deliveries_per_s"]
-        for spread, alone in zip(results["2 processes + Redis"], results["1 process"], strict=True)
-    ]
-    report.summary = {"deliveries_two_vs_one": round(statistics.median(ratios), 3)}
+    ratio = median_ratio(results["2 processes + Redis"], results["1 process"], "deliveries_per_s")
+    report.summary = {"deliveries_two_vs_one": round(ratio, 3)}
     return report
 
 
 WORKLOADS: dict[str, Callable[[argparse.Namespace], Awaitable[Report]]] = {
+    "fanout": fanout,
+    "browser": browser_like,
+    "latency": latency_workload,
+    "memory": memory,
+    "slow": slow_consumer,
+    "churn": churn,
     "history": history_throughput,
     "redis": redis_scale,
 }
@@ -142,33 +476,41 @@ WORKLOADS: dict[str, Callable[[argparse.Namespace], Awaitable[Report]]] = {
 
 def print_table(report: Report) -> None:
     print(f"\n== {report.workload}")
-    columns = [key for key in report.rows[0] if key != "server"] if report.rows else []
-    print(f"  {'server':<34}" + "".join(f"{column:>24}" for column in columns))
+    columns: list[str] = []
     for row in report.rows:
-        print(f"  {row['server']:<34}" + "".join(f"{row[column]!s:>24}" for column in columns))
-    print("  " + ", ".join(f"{key}: {value}" for key, value in report.summary.items()))
+        columns += [key for key in row if key != "server" and key not in columns]
+    print(f"  {'server':<30}" + "".join(f"{column:>22}" for column in columns))
+    for row in report.rows:
+        print(f"  {row['server']:<30}" + "".join(f"{row.get(column, '')!s:>22}" for column in columns))
+    for key, value in report.summary.items():
+        print(f"  {key}: {value}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("workloads", nargs="*", choices=[*WORKLOADS, []], help="default: all")
+    parser.add_argument(
+        "workloads", nargs="*", metavar="workload", help=f"some of: {', '.join(WORKLOADS)} (default: all)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per workload")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check that it runs")
     args = parser.parse_args()
+    unknown = [name for name in args.workloads if name not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload {unknown[0]!r}")
     chosen = args.workloads or list(WORKLOADS)
 
-    started = datetime.now(timezone.utc)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    print(f"# {started:%Y-%m-%d %H:%M} UTC, {machine}")
+    print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine}")
     print(f"# {sys.executable} -m bench.run {' '.join(sys.argv[1:])}")
     lines = []
     for name in chosen:
         report = asyncio.run(WORKLOADS[name](args))
         print_table(report)
         lines += report.lines()
-    print("\n# JSON, one line per server and per summary")
+        sys.stdout.flush()
+    print("\n# JSON, one line per server (and case) and one per summary")
     for line in lines:
         print(line)
 

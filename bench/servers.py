@@ -88,10 +88,24 @@ NO_LIMITS = [
 def chat_server(*flags: str, name: str = "fennec-chat") -> Server:
     """This project's server.py as configured by default (history in a fresh SQLite file),
     with the limits that would distort a benchmark turned off."""
-    history = [] if "--no-history" in flags or "--db" in flags or any("redis" in flag for flag in flags) else ["--db", temporary_db()]
+    history = (
+        []
+        if "--no-history" in flags or "--db" in flags or any("redis" in flag for flag in flags)
+        else ["--db", temporary_db()]
+    )
     return Server(
         name,
-        [sys.executable, "server.py", "--port", "{port}", "--log-level", "warning", *NO_LIMITS, *history, *flags],
+        [
+            sys.executable,
+            "server.py",
+            "--port",
+            "{port}",
+            "--log-level",
+            "warning",
+            *NO_LIMITS,
+            *history,
+            *flags,
+        ],
     )
 
 

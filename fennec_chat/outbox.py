@@ -62,22 +62,27 @@ class Outbox:
 
     def _wake_writer(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
+        if waiter is not None:
+            self._waiter = None  # one wake-up is enough, however many events follow it
             waiter.set_result(None)
 
     async def _write_until_closed(self) -> None:
-        send_text = self._websocket.send_text
+        # This is the hottest loop of the server: one turn per event per recipient. It calls
+        # the ASGI `send` that Fennec's WebSocket wraps: `send_text()` would only add a state
+        # check and a coroutine per event.
+        send = self._websocket.send
+        pending = self._pending
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 # Send everything queued in one go: one wake-up per burst, not per event.
-                while self._pending:
-                    await send_text(self._pending.popleft())
+                while pending:
+                    await send({"type": "websocket.send", "text": pending.popleft()})
                 if self._closing is not None:
                     await self._websocket.close(*self._closing)
                     return
-                self._waiter = asyncio.get_running_loop().create_future()
+                self._waiter = loop.create_future()
                 await self._waiter
-                self._waiter = None
         except Exception:
             # The peer vanished mid-send; its receive loop sees the disconnect and cleans up.
             self._accepting = False
