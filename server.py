@@ -33,6 +33,7 @@ from fennec_chat.moderation import WordFilter
 from fennec_chat.page import read_page
 from fennec_chat.protocol import CloseCode, ErrorCode
 from fennec_chat.settings import Settings
+from fennec_chat.wsprotocol import LeanWebSocketProtocol
 
 CLIENT_PAGE = Path(__file__).with_name("client.html")
 
@@ -221,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "port": settings.port,
         "log_level": settings.log_level,
         "lifespan": "on",
-        "ws": "websockets-sansio",
+        "ws": LeanWebSocketProtocol,  # uvicorn's websockets-sansio, lighter on memory
         "ws_max_size": settings.max_frame_bytes,
         "ws_per_message_deflate": settings.ws_compression,
         "ws_ping_interval": settings.ping_interval or None,

@@ -48,6 +48,8 @@ class RateLimits:
     messages and renames beyond theirs get `rate_limited` with `retry_after`. A client that
     keeps going after many warnings is flooding, and is closed."""
 
+    __slots__ = ("messages", "renames", "typing", "warnings")
+
     def __init__(self, settings: Settings) -> None:
         self.messages = TokenBucket(settings.rate_messages, settings.rate_messages_burst)
         self.typing = TokenBucket(settings.rate_typing, 1)
