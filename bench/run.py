@@ -33,6 +33,8 @@ from bench.load import (
 )
 from bench.servers import Server, chat_server, redis_server, reference_server, temporary_db
 
+NO_HISTORY = "fennec-chat --no-history"
+
 
 @dataclass
 class Report:
@@ -86,8 +88,10 @@ def stop(servers: list[Server]) -> None:
 
 async def fanout(args: argparse.Namespace) -> Report:
     """N receivers + 1 sender; server CPU per delivered message, against the reference."""
-    servers = started(chat_server(), reference_server())
-    ours, reference = servers
+    # Without history too: the reference stores nothing, and a commit per batch of messages
+    # is work only this project does.
+    servers = started(chat_server(), chat_server("--no-history", name=NO_HISTORY), reference_server())
+    ours, lighter, reference = servers
     report = Report("fan-out: 1 sender + N receivers, 20 messages in flight, server CPU per delivery")
     try:
         for receivers in (10, 100, 500):
@@ -116,6 +120,8 @@ async def fanout(args: argparse.Namespace) -> Report:
             report.summary[f"N={receivers}"] = (
                 verdict(ratio, 1.10) if receivers >= 100 else {"ratio": round(ratio, 3)}
             )
+            ratio = median_ratio(results[lighter.name], results[reference.name], "cpu_us_per_delivery")
+            report.summary[f"N={receivers} {NO_HISTORY}"] = {"ratio": round(ratio, 3)}
     finally:
         stop(servers)
     return report
@@ -158,8 +164,8 @@ async def browser_like(args: argparse.Namespace) -> Report:
 
 async def latency_workload(args: argparse.Namespace) -> Report:
     """A sender at a fixed rate into a 100-client room: one-way latency percentiles."""
-    servers = started(chat_server(), reference_server())
-    ours, reference = servers
+    servers = started(chat_server(), chat_server("--no-history", name=NO_HISTORY), reference_server())
+    ours, lighter, reference = servers
     seconds = 1.0 if args.quick else 4.0
     report = Report("latency: a sender at a fixed rate into a 100-client room")
     try:
@@ -181,6 +187,8 @@ async def latency_workload(args: argparse.Namespace) -> Report:
             report.summary[f"{rate}/s p99"] = (
                 verdict(ratio, 1.15) if rate == 500 else {"ratio": round(ratio, 3)}
             )
+            ratio = median_ratio(results[lighter.name], results[reference.name], "p99_ms")
+            report.summary[f"{rate}/s p99 {NO_HISTORY}"] = {"ratio": round(ratio, 3)}
     finally:
         stop(servers)
     return report

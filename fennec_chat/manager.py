@@ -252,6 +252,7 @@ class ChatManager(WebSocketManager):
         """
         clients = self.clients
         limit = self.settings.outbox_limit
+        data = text.encode()  # once for everyone: written straight to the sockets that have room
         overflowed = []
         for client_id in recipients:
             client = clients.get(client_id)
@@ -261,7 +262,7 @@ class ChatManager(WebSocketManager):
                 client.held.append((message_id, text))
                 if len(client.held) > limit:
                     overflowed.append(client)
-            elif not client.outbox.put(text):
+            elif not client.outbox.put(text, data):
                 overflowed.append(client)
         for client in overflowed:
             reason = f"too slow: more than {limit} events waiting"

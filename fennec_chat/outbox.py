@@ -1,21 +1,36 @@
-"""One client's outgoing events: a bounded queue drained by the client's own writer task."""
+"""One client's outgoing events: written at once when the socket takes them, else queued
+(bounded) for the client's own writer task."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from fennec import WebSocket
+
+from .wsprotocol import WRITE_NOW
 
 
 class Outbox:
     """Events waiting to be written to one socket.
 
-    A broadcast only appends here, so it never waits for anyone's network: a client that
-    stops reading fills its own outbox and nobody else's.
+    A broadcast never waits for anyone's network: an event goes straight into a socket's
+    buffer when the server offers `write_now` (server.py's protocol does) and the socket has
+    room and nothing queued before it; otherwise it waits here. A client that stops reading
+    fills its own outbox and nobody else's.
     """
 
-    __slots__ = ("_accepting", "_closing", "_limit", "_pending", "_waiter", "_websocket", "_writer")
+    __slots__ = (
+        "_accepting",
+        "_closing",
+        "_limit",
+        "_pending",
+        "_waiter",
+        "_websocket",
+        "_write_now",
+        "_writer",
+    )
 
     def __init__(self, websocket: WebSocket, limit: int) -> None:
         self._websocket = websocket
@@ -26,12 +41,17 @@ class Outbox:
         self._waiter: asyncio.Future[None] | None = None
         self._closing: tuple[int, str] | None = None
         self._accepting = True  # False once closing, or once the socket turned out to be gone
+        self._write_now: Callable[[bytes], bool] | None = websocket.scope.get("extensions", {}).get(WRITE_NOW)
         self._writer = asyncio.create_task(self._write_until_closed())
 
-    def put(self, text: str) -> bool:
-        """Queue one encoded event. False means the client is too far behind to keep."""
+    def put(self, text: str, data: bytes) -> bool:
+        """Send or queue one encoded event (`data` is `text` in UTF-8). False means the client
+        is too far behind to keep."""
         if not self._accepting:
             return True  # the socket is closing or gone: late events have nobody to reach
+        # Straight to the socket only when the writer is idle: it keeps the order otherwise.
+        if self._waiter is not None and self._write_now is not None and self._write_now(data):
+            return True
         if len(self._pending) >= self._limit:
             return False
         self._pending.append(text)
