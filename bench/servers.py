@@ -32,11 +32,18 @@ class Server:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
 
+    @property
+    def log_path(self) -> Path:
+        """Where the server's output goes: read it when a run fails."""
+        safe = "".join(ch if ch.isalnum() else "-" for ch in self.name)
+        return Path(tempfile.gettempdir()) / f"fennec-bench-{safe}-{self.port}.log"
+
     def start(self, timeout: float = 20) -> Server:
         command = [part.replace("{port}", str(self.port)) for part in self.command]
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

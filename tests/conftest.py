@@ -34,9 +34,13 @@ def start_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., Serve
     """Start a dedicated server with extra flags or environment; stopped after the test."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, limits: bool = False) -> ServerProcess:
+    def start(
+        *args: str, env: dict[str, str] | None = None, limits: bool = False, plain_uvicorn: bool = False
+    ) -> ServerProcess:
         name = f"{request.node.name}-{len(started)}"
-        process = ServerProcess(list(args), env or {}, log_path(name), limits=limits).start()
+        process = ServerProcess(
+            list(args), env or {}, log_path(name), limits=limits, plain_uvicorn=plain_uvicorn
+        ).start()
         started.append(process)
         return process
 

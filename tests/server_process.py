@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from fennec_chat.settings import Settings
 from tests.chat_client import ChatClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,11 +47,13 @@ class ServerProcess:
         log_path: Path,
         port: int | None = None,
         limits: bool = False,
+        plain_uvicorn: bool = False,
     ) -> None:
         """Listens on `port` (a free one if None), passed as --port unless PORT is in `env`.
 
         Rate limits and the per-address cap are off unless `limits`: most tests send bursts,
-        and all of them come from 127.0.0.1.
+        and all of them come from 127.0.0.1. With `plain_uvicorn` the app runs under
+        `uvicorn server:app` and its stock WebSocket protocol, with `args` as environment.
         """
         self.port = port or free_port()
         self.log_path = log_path
@@ -63,6 +66,16 @@ class ServerProcess:
                 stale.unlink()
             self.args += ["--db", str(self.db_path)]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        self.program = [sys.executable, str(ROOT / "server.py")]
+        if plain_uvicorn:
+            settings = Settings.from_environ(self.env)
+            settings.apply_flags(self.args)
+            settings.export_to(self.env)
+            # uvicorn's stock protocol, without the compression it would accept by default
+            # (server.py declines it: compressed, a test's repetitive text never fills a buffer).
+            self.program = [sys.executable, "-m", "uvicorn", "server:app", "--ws", "websockets-sansio"]
+            self.program += ["--ws-per-message-deflate", "false"]
+            self.args = ["--port", str(self.port)]
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -85,7 +98,7 @@ class ServerProcess:
     def start(self, timeout: float = 15) -> ServerProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(ROOT / "server.py"), *self.args],
+                [*self.program, *self.args],
                 cwd=ROOT,
                 env=self.env,
                 stdout=log,

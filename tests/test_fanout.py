@@ -7,6 +7,8 @@ import random
 import socket
 import time
 
+import pytest
+
 from tests.chat_client import ChatClient
 
 
@@ -77,8 +79,13 @@ async def test_half_the_room_vanishing_mid_broadcast_does_not_disturb_the_rest(s
     server.assert_no_errors()
 
 
-async def test_a_stalled_reader_is_closed_with_1013_while_the_others_keep_receiving(start_server, room):
-    server = start_server("--outbox-limit", "32")
+# server.py writes to sockets directly while they have room; under plain `uvicorn server:app`
+# every event goes through the outbox's writer task and the ASGI `send`. Both must hold.
+@pytest.mark.parametrize("plain_uvicorn", [False, True], ids=["server.py", "plain-uvicorn"])
+async def test_a_stalled_reader_is_closed_with_1013_while_the_others_keep_receiving(
+    start_server, room, plain_uvicorn
+):
+    server = start_server("--outbox-limit", "32", plain_uvicorn=plain_uvicorn)
     reader = await server.connect(f"/ws/chat/{room}?username=reader")
     await reader.joined()
 
