@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench lint format clean
+.PHONY: run test bench profile lint format clean
 
 run: $(VENV)/.installed
 	$(BIN)/python server.py $(ARGS)
@@ -16,6 +16,11 @@ test: $(VENV)/.installed-test
 # Benchmarks: `make bench` runs them all; `make bench WORKLOADS=history` picks some.
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.run $(WORKLOADS) $(BENCH_ARGS)
+
+# A flame graph of the server during the fan-out: docs/fanout-flamegraph.svg (needs py-spy).
+profile: $(VENV)/.installed-test
+	$(BIN)/python -m pip install --quiet py-spy
+	$(BIN)/python -m bench.profile
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

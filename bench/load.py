@@ -37,8 +37,15 @@ async def connect_many(
 
     async def one(url: str) -> ClientConnection:
         async with gate:
+            # No client-side keepalive pings: browsers never send any (they only answer the
+            # server's), and 10,000 idle clients pinging would load the load generator.
             return await connect(
-                url, compression=compression, max_size=None, max_queue=None, open_timeout=120
+                url,
+                compression=compression,
+                max_size=None,
+                max_queue=None,
+                open_timeout=120,
+                ping_interval=None,
             )
 
     return list(await asyncio.gather(*(one(url) for url in urls)))

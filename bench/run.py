@@ -129,9 +129,15 @@ async def fanout(args: argparse.Namespace) -> Report:
 
 async def browser_like(args: argparse.Namespace) -> Report:
     """Clients that offer permessage-deflate, as browsers do: this project declines it (the
-    default), the reference accepts it (its default)."""
-    servers = started(chat_server(), reference_server(compression=True))
-    ours, reference = servers
+    default), the reference accepts it (its default). Both are also measured the other way
+    round (--ws-compression; a reference without it) to show what compression costs each."""
+    servers = started(
+        chat_server(),
+        reference_server(compression=True),
+        chat_server("--ws-compression", name="fennec-chat --ws-compression"),
+        reference_server(),
+    )
+    ours, reference, ours_compressing, reference_plain = servers
     messages = 300 if args.quick else 3000
 
     async def run_once(server: Server) -> dict:
@@ -154,8 +160,14 @@ async def browser_like(args: argparse.Namespace) -> Report:
                 "cpu_us_per_delivery": round(median_of(results[server.name], "cpu_us_per_delivery"), 2),
             }
         )
-    ratio = median_ratio(results[ours.name], results[reference.name], "cpu_us_per_delivery")
-    report.summary = verdict(ratio, 0.5)
+
+    def ratio(a: Server, b: Server) -> float:
+        return median_ratio(results[a.name], results[b.name], "cpu_us_per_delivery")
+
+    report.summary = verdict(ratio(ours, reference), 0.5) | {
+        "deflate's cost to fennec-chat": round(ratio(ours_compressing, ours), 3),
+        "deflate's cost to the reference": round(ratio(reference, reference_plain), 3),
+    }
     return report
 
 

@@ -68,9 +68,16 @@ class Outbox:
         self._wake_writer()
 
     def stop(self) -> None:
-        """The connection has ended: stop writing (a pending close frame may still go out)."""
+        """The connection has ended: stop writing (a pending close frame may still go out).
+
+        The writer is woken to return, not cancelled: a cancelled task keeps its exception,
+        whose traceback keeps the task's frame and this outbox, a cycle that only the garbage
+        collector frees, and meanwhile every closed connection's memory stays in use.
+        """
         if self._closing is None:
-            self._writer.cancel()
+            self._accepting = False
+            self._pending.clear()
+            self._wake_writer()
 
     async def wait_closed(self, timeout: float) -> None:
         """Wait (at most `timeout` seconds) until a close frame asked for by `close` is sent."""
@@ -101,6 +108,8 @@ class Outbox:
                     await send({"type": "websocket.send", "text": pending.pop(0)})
                 if self._closing is not None:
                     await self._websocket.close(*self._closing)
+                    return
+                if not self._accepting:  # stopped
                     return
                 self._waiter = loop.create_future()
                 await self._waiter

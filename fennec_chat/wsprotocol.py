@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from asyncio import BaseTransport
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -31,10 +32,25 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.queue = Inbox()  # type: ignore[assignment]
 
+    def connection_made(self, transport: BaseTransport) -> None:
+        super().connection_made(transport)
+        # The HTTP protocol that read the upgrade request and its parser refer to each other:
+        # once it has handed the socket over (right after this call), part them too.
+        upgraded_from = transport.get_protocol()
+        if upgraded_from is not self and hasattr(upgraded_from, "parser"):
+            self.loop.call_soon(setattr, upgraded_from, "parser", None)
+
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         if hasattr(self, "scope"):  # a refused handshake has none
             self.scope["extensions"][WRITE_NOW] = self.write_now
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # This protocol and the scope refer to each other through write_now: part them, so
+        # that a closed connection is freed at once rather than by the garbage collector.
+        if hasattr(self, "scope"):
+            self.scope["extensions"].pop(WRITE_NOW, None)
 
     def write_now(self, data: bytes) -> bool:
         """Write a text frame (`data`: UTF-8) unless that would mean waiting: False if the

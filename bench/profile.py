@@ -1,0 +1,60 @@
+"""Profile the fan-out: `python -m bench.profile` (`make profile`) writes a flame graph.
+
+py-spy samples this project's server while 1 sender and 100 receivers exchange messages (the
+fan-out workload at N=100), then writes docs/fanout-flamegraph.svg. py-spy attaches to
+another process, which needs root or ptrace permission.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.load import fan_out, open_room
+from bench.servers import ROOT, chat_server
+
+OUTPUT = ROOT / "docs" / "fanout-flamegraph.svg"
+SECONDS = 20
+
+
+def main() -> None:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        sys.exit("py-spy is not installed: pip install py-spy")
+    server = chat_server().start()
+    assert server.process is not None
+    try:
+        recorder = subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(server.process.pid),
+                "--duration",
+                str(SECONDS),
+                "--rate",
+                "250",
+                "--output",
+                str(OUTPUT),
+            ]
+        )
+
+        async def keep_busy() -> None:
+            room = await open_room(server, 101)
+            try:
+                while recorder.poll() is None:
+                    await fan_out(room, 1000, window=20, cpu_seconds=server.cpu_seconds)
+            finally:
+                await room.close()
+
+        asyncio.run(keep_busy())
+    finally:
+        server.stop()
+    print(f"wrote {OUTPUT.relative_to(ROOT)}" if recorder.returncode == 0 else "py-spy failed")
+
+
+if __name__ == "__main__":
+    main()
