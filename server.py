@@ -67,21 +67,23 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
     # followed by a rename) and says where it left off (so it gets just what it missed).
     join = protocol.parse_join(query_params(websocket), settings)
     client_id = await manager.connect(websocket)
-    if name := identity.username or join.username:  # a token's name wins
-        manager.rename(client_id, words.mask(name))
-    manager.join_room(client_id, room)
-
-    await manager.send_json(client_id, protocol.welcome(room, client_id, settings))
-    await manager.send_json(client_id, protocol.presence(room, await manager.members(room)))
-    # Earlier messages (or just the missed ones), then live ones: no gap, nothing twice.
-    await manager.send_history(client_id, room, join.since, join.epoch)
-    for problem in join.problems:
-        await manager.send_json(client_id, problem.event())
-    joined = protocol.user_joined(manager.username(client_id), client_id)
-    await manager.broadcast_json(joined, room=room, exclude=client_id)
-
-    limits = RateLimits(settings)
     try:
+        if name := identity.username or join.username:  # a token's name wins
+            manager.rename(client_id, words.mask(name))
+        manager.join_room(client_id, room)
+
+        await manager.send_json(client_id, protocol.welcome(room, client_id, settings))
+        await manager.send_json(client_id, protocol.presence(room, await manager.members(room)))
+        # Earlier messages (or just the missed ones), then live ones: no gap, nothing twice.
+        await manager.send_history(client_id, room, join.since, join.epoch)
+        for problem in join.problems:
+            await manager.send_json(client_id, problem.event())
+        if not manager.is_connected(client_id):
+            return  # dropped meanwhile: more room events piled up than its outbox may hold
+        joined = protocol.user_joined(manager.username(client_id), client_id)
+        await manager.broadcast_json(joined, room=room, exclude=client_id)
+
+        limits = RateLimits(settings)
         async for frame in incoming(websocket, client_id):
             username = manager.username(client_id)
             command = words.apply(protocol.parse_command(frame, settings))  # masks blocked words
@@ -131,9 +133,9 @@ async def lobby(websocket: WebSocket) -> None:
         await websocket.close(admission.code, admission.reason)
         return
     client_id = await manager.connect(websocket)
-    await manager.watch_lobby(client_id)
-    limits = RateLimits(settings)
     try:
+        await manager.watch_lobby(client_id)
+        limits = RateLimits(settings)
         async for frame in incoming(websocket, client_id):
             if frame.get("text") is None:
                 error = protocol.error(ErrorCode.UNSUPPORTED_FRAME, "send any text to get the room list")
@@ -222,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "port": settings.port,
         "log_level": settings.log_level,
         "lifespan": "on",
-        "ws": LeanWebSocketProtocol,  # uvicorn's websockets-sansio, lighter on memory
+        "ws": LeanWebSocketProtocol,  # uvicorn's websockets-sansio, + write_now, - memory
         "ws_max_size": settings.max_frame_bytes,
         "ws_per_message_deflate": settings.ws_compression,
         "ws_ping_interval": settings.ping_interval or None,

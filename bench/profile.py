@@ -27,20 +27,9 @@ def main() -> None:
     server = chat_server().start()
     assert server.process is not None
     try:
-        recorder = subprocess.Popen(
-            [
-                py_spy,
-                "record",
-                "--pid",
-                str(server.process.pid),
-                "--duration",
-                str(SECONDS),
-                "--rate",
-                "250",
-                "--output",
-                str(OUTPUT),
-            ]
-        )
+        # --gil: only the thread running Python, so the idle history threads do not show.
+        options = ["--gil", "--rate", "250", "--duration", str(SECONDS), "--output", str(OUTPUT)]
+        recorder = subprocess.Popen([py_spy, "record", *options, "--pid", str(server.process.pid)])
 
         async def keep_busy() -> None:
             room = await open_room(server, 101)

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 from collections.abc import Awaitable, Callable
@@ -444,6 +445,8 @@ async def history_throughput(args: argparse.Namespace) -> Report:
 
 async def redis_scale(args: argparse.Namespace) -> Report:
     """Fan-out in one process against two processes sharing the room through Redis."""
+    if shutil.which("redis-server") is None:
+        return Report("redis", summary={"skipped": "redis-server is not installed"})
     redis = redis_server().start()
     url = f"redis://127.0.0.1:{redis.port}/0"
     single = chat_server("--db", temporary_db(), name="1 process (SQLite history)").start()

@@ -21,6 +21,7 @@ from .settings import Settings
 logger = logging.getLogger("fennec_chat")
 
 MAX_IN_FLIGHT = 64  # a client's messages waiting for the history before its next one waits too
+HELD_PER_OUTBOX_LIMIT = 8  # room events held for a newcomer, in outbox limits (2,048 by default)
 
 
 @dataclass(eq=False, slots=True)
@@ -260,7 +261,10 @@ class ChatManager(WebSocketManager):
                 continue
             if room_event and client.held is not None:
                 client.held.append((message_id, text))
-                if len(client.held) > limit:
+                # Held while its history is read: our delay, not the client's. When a whole
+                # room reconnects at once (after a restart), each newcomer's history waits
+                # behind everyone else's and meanwhile gets everyone's user_joined.
+                if len(client.held) > HELD_PER_OUTBOX_LIMIT * limit:
                     overflowed.append(client)
             elif not client.outbox.put(text, data):
                 overflowed.append(client)

@@ -25,7 +25,9 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     Measured with tracemalloc on 2,000 idle connections: uvicorn keeps each connection's
     parsed upgrade request and response for as long as the socket is open (about 2 KiB),
     and its inbox is an `asyncio.Queue` (three deques, about 2 KiB, for one reader and no
-    bound). Together they were a fifth of what an idle chat connection cost.
+    bound). Together they were a fifth of what an idle chat connection cost. gc showed the
+    rest of a closed connection waiting for the garbage collector in reference cycles; those
+    are parted on the way, so a closed connection's memory is free at once.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

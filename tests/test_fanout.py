@@ -171,3 +171,24 @@ async def test_everyone_leaving_at_once_empties_the_manager(start_server, room):
     health = await wait_until_empty(server, baseline_tasks)
     assert (health["connections"], health["rooms"], health["tasks"] <= baseline_tasks) == (0, 0, True)
     server.assert_no_errors()
+
+
+async def test_a_crowd_joining_at_once_is_either_seated_or_closed_with_1013(start_server, room):
+    # Each newcomer's room events are held while its history is read, and the reads of a crowd
+    # queue up behind each other while everyone's user_joined arrives: with a small outbox some
+    # newcomers overflow before they are seated. They must get a clean 1013, never a 1011.
+    server = start_server("--outbox-limit", "2")  # holds up to 16 events per newcomer
+    crowd = await asyncio.gather(
+        *(server.connect(f"/ws/chat/{room}?username=n{number}") for number in range(120))
+    )
+    await asyncio.sleep(1)
+    for client in crowd:
+        await client.close()
+    codes = []
+    for client in crowd:
+        received = client.ws.protocol.close_rcvd
+        codes.append(received.code if received else None)
+    assert 1011 not in codes, codes
+    assert 1013 in codes, "no newcomer overflowed: the test no longer exercises the path"
+    assert set(codes) <= {1000, 1013}, codes
+    server.assert_no_errors()
