@@ -97,6 +97,22 @@ def message(room: Room, number: int, text: str) -> str:
     return json.dumps({"type": "message", "message": text, "client_msg_id": f"{room.name}-{number}"})
 
 
+async def fan_out_in_new_room(
+    servers: Server | list[Server],
+    size: int,
+    messages: int,
+    window: int,
+    cpu_seconds: Callable[[], float],
+    compression: str | None = None,
+) -> dict:
+    """`fan_out` in a fresh room of `size` clients, which leave afterwards."""
+    room = await open_room(servers, size, compression)
+    try:
+        return await fan_out(room, messages, window, cpu_seconds)
+    finally:
+        await room.close()
+
+
 async def fan_out(room: Room, messages: int, window: int, cpu_seconds: Callable[[], float]) -> dict:
     """The first member sends `messages` as fast as `window` unanswered ones allow; everyone
     (the sender too) must receive them all. Reports deliveries per second and the CPU time

@@ -25,7 +25,7 @@ from bench.load import (
     Room,
     close_code_of,
     connect_many,
-    fan_out,
+    fan_out_in_new_room,
     latency,
     open_room,
     sinks,
@@ -71,6 +71,14 @@ async def interleaved(
     return results
 
 
+def fan_out_row(server: str, rounds: list[dict], rate: str = "deliveries_per_s", **case: int) -> dict:
+    """One table row of fan-out results: the medians of a server's rounds."""
+    return {"server": server, **case} | {
+        rate: round(median_of(rounds, rate)),
+        "cpu_us_per_delivery": round(median_of(rounds, "cpu_us_per_delivery"), 2),
+    }
+
+
 def verdict(value: float, limit: float) -> dict:
     return {"ratio": round(value, 3), "target": f"<= {limit}", "met": value <= limit}
 
@@ -99,24 +107,11 @@ async def fanout(args: argparse.Namespace) -> Report:
             messages = max(200, min(4000, 400_000 // (receivers + 1))) // (10 if args.quick else 1)
 
             async def run_once(server: Server, receivers: int = receivers, messages: int = messages) -> dict:
-                room = await open_room(server, receivers + 1)
-                try:
-                    return await fan_out(room, messages, window=20, cpu_seconds=server.cpu_seconds)
-                finally:
-                    await room.close()
+                return await fan_out_in_new_room(server, receivers + 1, messages, 20, server.cpu_seconds)
 
             results = await interleaved(servers, args.rounds, run_once)
             for server in servers:
-                report.rows.append(
-                    {
-                        "server": server.name,
-                        "N": receivers,
-                        "deliveries_per_s": round(median_of(results[server.name], "deliveries_per_s")),
-                        "cpu_us_per_delivery": round(
-                            median_of(results[server.name], "cpu_us_per_delivery"), 2
-                        ),
-                    }
-                )
+                report.rows.append(fan_out_row(server.name, results[server.name], N=receivers))
             ratio = median_ratio(results[ours.name], results[reference.name], "cpu_us_per_delivery")
             report.summary[f"N={receivers}"] = (
                 verdict(ratio, 1.10) if receivers >= 100 else {"ratio": round(ratio, 3)}
@@ -142,25 +137,14 @@ async def browser_like(args: argparse.Namespace) -> Report:
     messages = 300 if args.quick else 3000
 
     async def run_once(server: Server) -> dict:
-        room = await open_room(server, 101, compression="deflate")
-        try:
-            return await fan_out(room, messages, window=20, cpu_seconds=server.cpu_seconds)
-        finally:
-            await room.close()
+        return await fan_out_in_new_room(server, 101, messages, 20, server.cpu_seconds, "deflate")
 
     try:
         results = await interleaved(servers, args.rounds, run_once)
     finally:
         stop(servers)
     report = Report("browser-like clients (deflate offered): 1 sender + 100 receivers, CPU per delivery")
-    for server in servers:
-        report.rows.append(
-            {
-                "server": server.name,
-                "deliveries_per_s": round(median_of(results[server.name], "deliveries_per_s")),
-                "cpu_us_per_delivery": round(median_of(results[server.name], "cpu_us_per_delivery"), 2),
-            }
-        )
+    report.rows = [fan_out_row(server.name, results[server.name]) for server in servers]
 
     def ratio(a: Server, b: Server) -> float:
         return median_ratio(results[a.name], results[b.name], "cpu_us_per_delivery")
@@ -419,25 +403,14 @@ async def history_throughput(args: argparse.Namespace) -> Report:
     messages = 300 if args.quick else 3000
 
     async def run_once(server: Server) -> dict:
-        room = await open_room(server, 11)
-        try:
-            return await fan_out(room, messages, window=50, cpu_seconds=server.cpu_seconds)
-        finally:
-            await room.close()
+        return await fan_out_in_new_room(server, 11, messages, 50, server.cpu_seconds)
 
     try:
         results = await interleaved(servers, args.rounds, run_once)
     finally:
         stop(servers)
     report = Report("history: 1 sender + 10 receivers, window 50")
-    for server in servers:
-        report.rows.append(
-            {
-                "server": server.name,
-                "messages_per_s": round(median_of(results[server.name], "messages_per_s")),
-                "cpu_us_per_delivery": round(median_of(results[server.name], "cpu_us_per_delivery"), 2),
-            }
-        )
+    report.rows = [fan_out_row(server.name, results[server.name], "messages_per_s") for server in servers]
     ratio = median_ratio(results[on.name], results[off.name], "messages_per_s")
     report.summary = {"throughput_on_vs_off": round(ratio, 3), "target": ">= 0.80", "met": ratio >= 0.8}
     return report
@@ -462,24 +435,13 @@ async def redis_scale(args: argparse.Namespace) -> Report:
         for number in range(args.rounds):
             setups = [("1 process", [single], [single]), ("2 processes + Redis", pair, [*pair, redis])]
             for name, serving, measured in setups if number % 2 == 0 else reversed(setups):
-                room = await open_room(serving, receivers + 1)
-                try:
-                    results[name].append(
-                        await fan_out(room, messages, window=20, cpu_seconds=cpu_of(measured))
-                    )
-                finally:
-                    await room.close()
+                results[name].append(
+                    await fan_out_in_new_room(serving, receivers + 1, messages, 20, cpu_of(measured))
+                )
     finally:
         stop([single, *pair, redis])
     report = Report(f"redis: 1 sender + {receivers} receivers, {messages} messages, window 20")
-    for name, rounds in results.items():
-        report.rows.append(
-            {
-                "server": name,
-                "deliveries_per_s": round(median_of(rounds, "deliveries_per_s")),
-                "cpu_us_per_delivery": round(median_of(rounds, "cpu_us_per_delivery"), 2),
-            }
-        )
+    report.rows = [fan_out_row(name, rounds) for name, rounds in results.items()]
     ratio = median_ratio(results["2 processes + Redis"], results["1 process"], "deliveries_per_s")
     report.summary = {"deliveries_two_vs_one": round(ratio, 3)}
     return report

@@ -12,15 +12,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The benchmark turns off what would distort it, as the tests do: rate limits and the cap on
+# sockets per address (every load-generator client comes from 127.0.0.1).
+from tests.server_process import LIMITS_OFF, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -80,18 +78,6 @@ class Server:
         return resident_pages * PAGE_SIZE
 
 
-NO_LIMITS = [
-    "--rate-messages",
-    "0",
-    "--rate-typing",
-    "0",
-    "--rate-renames",
-    "0",
-    "--max-connections-per-ip",
-    "0",
-]
-
-
 def chat_server(*flags: str, name: str = "fennec-chat") -> Server:
     """This project's server.py as configured by default (history in a fresh SQLite file),
     with the limits that would distort a benchmark turned off."""
@@ -109,7 +95,7 @@ def chat_server(*flags: str, name: str = "fennec-chat") -> Server:
             "{port}",
             "--log-level",
             "warning",
-            *NO_LIMITS,
+            *LIMITS_OFF,
             *history,
             *flags,
         ],
