@@ -25,21 +25,22 @@ from fennec import Request, Response, Router, WebSocket, WebSocketRouter
 
 from fennec_chat import protocol
 from fennec_chat.application import ChatApplication
-from fennec_chat.gate import Gate, Refusal, Tokens
-from fennec_chat.limits import RateLimits
+from fennec_chat.gate import Admission, Gate, Refusal, Tokens
+from fennec_chat.http_guard import GuardedHttpProtocol
+from fennec_chat.limits import Verdict
 from fennec_chat.logs import log_config
 from fennec_chat.manager import ChatManager
 from fennec_chat.moderation import WordFilter
 from fennec_chat.page import read_page
-from fennec_chat.protocol import CloseCode, ErrorCode
-from fennec_chat.settings import Settings
+from fennec_chat.protocol import CloseCode, ErrorCode, JoinRequest, Rejection, check_username
+from fennec_chat.settings import Settings, strict_int
 from fennec_chat.wsprotocol import LeanWebSocketProtocol
 
 CLIENT_PAGE = Path(__file__).with_name("client.html")
 
 settings = Settings.from_environ()  # main() applies command-line flags on top
 manager = ChatManager(settings)
-gate = Gate(settings)
+gate = Gate(settings, manager)
 words = WordFilter()  # --blocklist loads it at start
 ws_router = WebSocketRouter()
 http_router = Router()
@@ -53,102 +54,117 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
     """One member of one room, from handshake to goodbye."""
     # Accept before refusing: a browser only sees a close code and reason after the handshake.
     await websocket.accept()
-    if problem := protocol.room_name_problem(room, settings):
-        await websocket.close(CloseCode.POLICY_VIOLATION, problem)
-        return
-    # The page's origin, the token (with --jwt-secret) and the sockets from the same address.
-    admission = gate.admit(websocket.scope)
-    if isinstance(admission, Refusal):
-        await websocket.close(admission.code, admission.reason)
-        return
+    # The room name, the page's origin, the token (with --jwt-secret), new rooms per sender and
+    # sockets per address. Leaving the block gives the address's seat back, whatever happened.
+    async with gate.admitted(websocket, room) as admission:
+        if isinstance(admission, Refusal):
+            await websocket.close(admission.code, admission.reason)
+            return
+        identity = admission.identity
+        # A reconnecting tab names itself in the URL (so the room never sees "User-1a2b joined"
+        # followed by a rename) and says where it left off (so it gets just what it missed).
+        join = protocol.parse_join(query_params(websocket), settings)
+        # Whose client_msg_ids these are: the token's user, else the tab, else this socket.
+        author = f"user:{identity.username}" if identity.username else None
+        if author is None and join.session:
+            author = f"session:{join.session}"
+        client_id = await manager.connect(websocket, author=author)
+        try:
+            await chat(websocket, room, client_id, admission, join)
+        finally:
+            # Tells the room `user_left` exactly once, whether the client closed, vanished, was
+            # dropped for falling behind or was kicked.
+            await manager.disconnect(client_id)
+
+
+async def chat(
+    websocket: WebSocket, room: str, client_id: str, admission: Admission, join: JoinRequest
+) -> None:
     identity = admission.identity
+    if name := identity.username or join.username:  # a token's name wins
+        manager.rename(client_id, words.mask(name))
+    manager.join_room(client_id, room)
 
-    # A reconnecting tab names itself in the URL (so the room never sees "User-1a2b joined"
-    # followed by a rename) and says where it left off (so it gets just what it missed).
-    join = protocol.parse_join(query_params(websocket), settings)
-    client_id = await manager.connect(websocket)
-    try:
-        if name := identity.username or join.username:  # a token's name wins
-            manager.rename(client_id, words.mask(name))
-        manager.join_room(client_id, room)
+    await manager.send_json(client_id, protocol.welcome(room, client_id, settings))
+    await manager.send_json(client_id, protocol.presence(room, await manager.members(room)))
+    # Earlier messages (or just the missed ones), then live ones: no gap, nothing twice.
+    await manager.send_history(client_id, room, join.since, join.epoch)
+    for problem in join.problems:
+        await manager.send_json(client_id, problem.event())
+    if not manager.is_connected(client_id):
+        return  # dropped meanwhile: more room events piled up than its outbox may hold
+    joined = protocol.user_joined(manager.username(client_id), client_id)
+    await manager.broadcast_json(joined, room=room, exclude=client_id)
 
-        await manager.send_json(client_id, protocol.welcome(room, client_id, settings))
-        await manager.send_json(client_id, protocol.presence(room, await manager.members(room)))
-        # Earlier messages (or just the missed ones), then live ones: no gap, nothing twice.
-        await manager.send_history(client_id, room, join.since, join.epoch)
-        for problem in join.problems:
-            await manager.send_json(client_id, problem.event())
-        if not manager.is_connected(client_id):
-            return  # dropped meanwhile: more room events piled up than its outbox may hold
-        joined = protocol.user_joined(manager.username(client_id), client_id)
-        await manager.broadcast_json(joined, room=room, exclude=client_id)
-
-        limits = RateLimits(settings)
-        async for frame in incoming(websocket, client_id):
-            username = manager.username(client_id)
+    limits = gate.limits(admission)
+    async for frame in incoming(websocket, client_id):
+        if refused := limits.check_frame(frame):  # every frame, before it costs any parsing
+            verdict = refused
+        else:
             command = words.apply(protocol.parse_command(frame, settings))  # masks blocked words
+            if isinstance(command, protocol.Rejection) and command.code in protocol.UNREADABLE:
+                limits.charge_unreadable(frame)
             verdict = limits.check(command)
-            match verdict.command:
-                case protocol.SendMessage(text=text, client_msg_id=client_msg_id):
-                    # Stored and numbered, then sent to everyone in the room, the sender
-                    # included: its copy is the confirmation.
-                    event = protocol.chat_message(username, text, client_id, client_msg_id)
-                    await manager.publish(room, event, sender=client_id)
-                case protocol.SetUsername() if identity.username:
-                    locked = protocol.error(ErrorCode.USERNAME_LOCKED, "your name comes from your token")
-                    await manager.send_json(client_id, locked)
-                case protocol.SetUsername(username=new_name) if new_name != username:
-                    manager.rename(client_id, new_name)
-                    event = protocol.username_changed(username, new_name, client_id)
-                    await manager.broadcast_json(event, room=room)
-                case protocol.Typing():
-                    event = protocol.typing(username, client_id)
-                    await manager.broadcast_json(event, room=room, exclude=client_id)
-                case protocol.Kick(client_id=target) if identity.admin:
-                    if problem := await manager.kick(room, target, by=username):
-                        await manager.send_json(client_id, problem.event())
-                case protocol.Kick():
-                    forbidden = protocol.error(ErrorCode.FORBIDDEN, "only an admin may kick")
-                    await manager.send_json(client_id, forbidden)
-                case protocol.Rejection() as rejection:
-                    # Bad input is answered, never fatal: the socket stays open and usable.
-                    await manager.send_json(client_id, rejection.event())
-                case _:
-                    pass  # an unchanged name, or typing notices beyond their limit: nothing to do
-            if verdict.flooding:  # warned again and again: this is no longer a person typing
-                await manager.close(client_id, CloseCode.POLICY_VIOLATION, "flooding: too many messages")
-    finally:
-        # Tells the room `user_left` exactly once, whether the client closed, vanished, was
-        # dropped for falling behind or was kicked.
-        await manager.disconnect(client_id)
-        gate.release(admission)
+        username = manager.username(client_id)
+        match verdict.command:
+            case protocol.SendMessage(text=text, client_msg_id=client_msg_id):
+                # Stored and numbered, then sent to everyone in the room, the sender
+                # included: its copy is the confirmation.
+                event = protocol.chat_message(username, text, client_id, client_msg_id)
+                await manager.publish(room, event, sender=client_id)
+            case protocol.SetUsername() if identity.username:
+                locked = protocol.error(ErrorCode.USERNAME_LOCKED, "your name comes from your token")
+                await manager.send_json(client_id, locked)
+            case protocol.SetUsername(username=new_name) if new_name != username:
+                manager.rename(client_id, new_name)
+                event = protocol.username_changed(username, new_name, client_id)
+                await manager.broadcast_json(event, room=room)
+            case protocol.Typing():
+                event = protocol.typing(username, client_id)
+                await manager.broadcast_json(event, room=room, exclude=client_id)
+            case protocol.Kick(client_id=target) if identity.admin:
+                if problem := await manager.kick(room, target, by=username):
+                    await manager.send_json(client_id, problem.event())
+            case protocol.Kick():
+                forbidden = protocol.error(ErrorCode.FORBIDDEN, "only an admin may kick")
+                await manager.send_json(client_id, forbidden)
+            case protocol.Rejection() as rejection:
+                # Bad input is answered, never fatal: the socket stays open and usable.
+                await manager.send_json(client_id, rejection.event())
+            case _:
+                pass  # an unchanged name, or typing notices beyond their limit: nothing to do
+        if verdict.flooding:  # warned again and again: this is no longer a person typing
+            await manager.close(client_id, CloseCode.POLICY_VIOLATION, "flooding: too many frames")
 
 
 @ws_router.websocket("/ws/lobby")
 async def lobby(websocket: WebSocket) -> None:
     """The list of active rooms: sent on connect, on any text from the client, and after changes."""
     await websocket.accept()
-    admission = gate.admit(websocket.scope)
-    if isinstance(admission, Refusal):
-        await websocket.close(admission.code, admission.reason)
-        return
-    client_id = await manager.connect(websocket)
-    try:
-        await manager.watch_lobby(client_id)
-        limits = RateLimits(settings)
-        async for frame in incoming(websocket, client_id):
-            if frame.get("text") is None:
-                error = protocol.error(ErrorCode.UNSUPPORTED_FRAME, "send any text to get the room list")
-                await manager.send_json(client_id, error)
-            elif refused := limits.check_request():
-                await manager.send_json(client_id, refused.command.event())
-                if refused.flooding:
+    async with gate.admitted(websocket) as admission:
+        if isinstance(admission, Refusal):
+            await websocket.close(admission.code, admission.reason)
+            return
+        client_id = await manager.connect(websocket)
+        try:
+            await manager.watch_lobby(client_id)
+            limits = gate.limits(admission)
+            async for frame in incoming(websocket, client_id):
+                verdict = limits.check_frame(frame) or limits.check_request()
+                if verdict is None and frame.get("text") is None:
+                    limits.charge_unreadable(frame)
+                    verdict = Verdict(
+                        Rejection(ErrorCode.UNSUPPORTED_FRAME, "send text to get the room list")
+                    )
+                if verdict is None:
+                    await manager.send_rooms_update(client_id)
+                    continue
+                assert isinstance(verdict.command, Rejection)
+                await manager.send_json(client_id, verdict.command.event())
+                if verdict.flooding:
                     await manager.close(client_id, CloseCode.POLICY_VIOLATION, "flooding: too many requests")
-            else:
-                await manager.send_rooms_update(client_id)
-    finally:
-        await manager.disconnect(client_id)
-        gate.release(admission)
+        finally:
+            await manager.disconnect(client_id)
 
 
 async def incoming(websocket: WebSocket, client_id: str) -> AsyncIterator[dict]:
@@ -219,11 +235,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(mint_token(argv[1:]))
         return
     settings.apply_flags(argv)
+    GuardedHttpProtocol.configure(settings)
     options = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
         "lifespan": "on",
+        "http": GuardedHttpProtocol,  # uvicorn's httptools, + a deadline and a size limit per request
         "ws": LeanWebSocketProtocol,  # uvicorn's websockets-sansio, + write_now, - memory
         "ws_max_size": settings.max_frame_bytes,
         "ws_per_message_deflate": settings.ws_compression,
@@ -256,12 +274,17 @@ def mint_token(argv: Sequence[str]) -> str:
     parser = argparse.ArgumentParser(prog="server.py token", description=mint_token.__doc__)
     parser.add_argument("--username", required=True)
     parser.add_argument("--admin", action="store_true", help="may kick people out of rooms")
-    parser.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    parser.add_argument("--ttl", type=strict_int, default=3600, help="seconds until it expires")
     parser.add_argument("--jwt-secret", default=settings.jwt_secret, help="default: $CHAT_JWT_SECRET")
     args = parser.parse_args(argv)
     if not args.jwt_secret:
         parser.error("no secret: pass --jwt-secret or set CHAT_JWT_SECRET (the server's)")
-    return Tokens(args.jwt_secret).mint(args.username, admin=args.admin, ttl=args.ttl)
+    if args.ttl <= 0:
+        parser.error(f"--ttl must be a positive number of seconds, not {args.ttl}")
+    name = check_username(args.username, settings, reserved_ok=True)
+    if isinstance(name, Rejection):  # the server would refuse a token with this name
+        parser.error(f"--username: {name.reason}")
+    return Tokens(args.jwt_secret).mint(name, admin=args.admin, ttl=args.ttl)
 
 
 def print_addresses(host: str, port: int, secure: bool) -> None:

@@ -17,11 +17,13 @@ Hook = Callable[[], Awaitable[None]]
 
 
 class ChatApplication(Application):
-    """A Fennec `Application` with startup/shutdown hooks and readable WebSocket refusals.
+    """A Fennec `Application` with startup/shutdown hooks, readable WebSocket refusals, 405s
+    and `nosniff` on every response.
 
     Fennec 0.3.0 acknowledges ASGI lifespan events without running anything, refuses an
     unknown WebSocket path before the handshake (a browser then sees only code 1006, no
-    reason), and swallows handler exceptions without a trace. This class fixes all three.
+    reason), swallows handler exceptions without a trace, and answers a known path with the
+    wrong method with 404. This class fixes all four.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -49,6 +51,33 @@ class ChatApplication(Application):
                         logger.exception("shutdown hook failed")
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def handle_http(self, scope: dict, receive: Callable, send: Callable) -> None:
+        async def send_nosniff(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"x-content-type-options" for name, _ in headers):
+                    headers.append((b"x-content-type-options", b"nosniff"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        allowed = self._methods_for(scope["path"])
+        if allowed and scope["method"] not in allowed:
+            body = f"{scope['method']} is not allowed here; use {', '.join(sorted(allowed))}\n".encode()
+            headers = [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"allow", ", ".join(sorted(allowed)).encode()),
+            ]
+            await send_nosniff({"type": "http.response.start", "status": 405, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await super().handle_http(scope, receive, send_nosniff)
+
+    def _methods_for(self, path: str) -> set[str]:
+        """The methods of the routes that match `path` (none: it is not one of ours)."""
+        return {
+            method for route in self.router.routes if route.pattern.match(path) for method in route.methods
+        }
 
     async def handle_websocket(self, scope: dict, receive: Callable, send: Callable) -> None:
         for router in self._websocket_routers:

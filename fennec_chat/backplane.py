@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,14 @@ Deliver = Callable[[RoomEvent], None]
 StateChanged = Callable[[bool, set[str]], None]  # (connected, rooms whose history was replaced)
 
 
+@dataclass(frozen=True, slots=True)
+class RoomList:
+    """The busiest rooms (name → {client_id: username}), busiest first, and how many there are."""
+
+    rooms: list[tuple[str, dict[str, str]]]
+    total: int
+
+
 class Backplane(ABC):
     """Carries room events between the processes that serve a room, in one order for all."""
 
@@ -60,11 +69,11 @@ class Backplane(ABC):
         """Send a room event (not a chat message) to every member of its room."""
 
     @abstractmethod
-    def publish_message(self, room: str, event: dict[str, Any]) -> asyncio.Future[Stored]:
+    def publish_message(self, room: str, event: dict[str, Any], sender: str) -> asyncio.Future[Stored]:
         """Store a chat message (when there is a history), then send it to the room.
 
-        The future resolves once it is stored; a duplicate (a resent client_msg_id) is not
-        sent to the room again: the future's `Stored.duplicate` tells the caller.
+        The future resolves once it is stored; a duplicate (a client_msg_id that `sender`
+        used before) is not sent to the room again: the future's `Stored.duplicate` tells.
         """
 
     # Presence: who is in which room. The manager knows its own clients; these tell the
@@ -91,8 +100,27 @@ class Backplane(ABC):
         """client_id → username of the room's members that other processes have."""
 
     @abstractmethod
-    async def rooms(self) -> dict[str, dict[str, str]]:
-        """Rooms with members on other processes: room → {client_id: username}."""
+    async def busiest_rooms(self, limit: int) -> RoomList | None:
+        """The `limit` rooms with the most members on every process, or None when this process
+        is the only one (the manager knows its own rooms)."""
+
+    @abstractmethod
+    async def room_count(self) -> int:
+        """Rooms with members, on every process."""
+
+    @abstractmethod
+    async def has_room(self, room: str) -> bool:
+        """Whether `room` has members on any process."""
+
+    # Seats: the sockets one client address holds, on every process.
+
+    @abstractmethod
+    async def take_seat(self, address: str, cap: int) -> bool:
+        """Count one more socket for `address`, unless it holds `cap` already (0: no cap)."""
+
+    @abstractmethod
+    def release_seat(self, address: str) -> None:
+        """Give back a seat taken by `take_seat`."""
 
     @abstractmethod
     def state(self) -> dict[str, Any]:
@@ -110,6 +138,8 @@ class LocalBackplane(Backplane):
         self.history = history
         self._storing: dict[str, asyncio.Future[Stored]] = {}  # room → its newest message being stored
         self._deliver: Deliver = lambda event: None
+        self._rooms: set[str] = set()
+        self._seats: Counter[str] = Counter()
 
     async def start(
         self, deliver: Deliver, lobby_changed: Callable[[], None], state_changed: StateChanged
@@ -129,14 +159,14 @@ class LocalBackplane(Backplane):
         else:
             storing.add_done_callback(lambda _: self._deliver(event))
 
-    def publish_message(self, room: str, event: dict[str, Any]) -> asyncio.Future[Stored]:
+    def publish_message(self, room: str, event: dict[str, Any], sender: str) -> asyncio.Future[Stored]:
         if self.history is None:
             stored = Stored(event, encode(event))
             self._deliver(RoomEvent(room, stored.text))
             done = asyncio.get_running_loop().create_future()
             done.set_result(stored)
             return done
-        storing = self.history.append(room, event)
+        storing = self.history.append(room, event, sender)
         storing.add_done_callback(functools.partial(self._stored, room))
         self._storing[room] = storing
         return storing
@@ -144,10 +174,13 @@ class LocalBackplane(Backplane):
     # One process: the manager's own clients are everyone.
 
     def join(self, room: str, client_id: str, username: str, first_here: bool) -> None:
-        pass
+        self._rooms.add(room)
 
     def leave(self, room: str, client_id: str, last_here: bool) -> None:
-        pass
+        if last_here:
+            self._rooms.discard(room)
+            if self.history is not None:
+                self.history.forget(room)
 
     def rename(self, room: str, client_id: str, username: str) -> None:
         pass
@@ -158,8 +191,25 @@ class LocalBackplane(Backplane):
     async def members(self, room: str) -> dict[str, str]:
         return {}
 
-    async def rooms(self) -> dict[str, dict[str, str]]:
-        return {}
+    async def busiest_rooms(self, limit: int) -> RoomList | None:
+        return None
+
+    async def room_count(self) -> int:
+        return len(self._rooms)
+
+    async def has_room(self, room: str) -> bool:
+        return room in self._rooms
+
+    async def take_seat(self, address: str, cap: int) -> bool:
+        if cap and self._seats[address] >= cap:
+            return False
+        self._seats[address] += 1
+        return True
+
+    def release_seat(self, address: str) -> None:
+        self._seats[address] -= 1
+        if self._seats[address] <= 0:
+            del self._seats[address]
 
     def state(self) -> dict[str, Any]:
         return {"kind": "local", "connected": True}

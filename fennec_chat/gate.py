@@ -1,4 +1,5 @@
-"""Who may open a socket: the page's origin, a signed token, and a cap per client address.
+"""Who may open a socket: the page's origin, a signed token, a cap per client address, and
+how fast one sender may open new rooms.
 
 Every check runs after the WebSocket handshake, so that a refused browser sees the close code
 and its reason; a refusal before the handshake reaches it only as 1006, with no reason.
@@ -7,17 +8,25 @@ and its reason; a refusal before the handshake reaches it only as 1006, with no 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
-from collections import Counter
+import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from fennec.exceptions import UnauthorizedException
 from fennec.security import JWTHandler
 
-from .protocol import CloseCode, Rejection, check_username
+from .limits import Ledger, RateLimits, Sender, room_creation_bucket
+from .protocol import CloseCode, Rejection, check_username, room_name_problem
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from fennec import WebSocket
+
+    from .manager import ChatManager
 
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
@@ -35,11 +44,20 @@ class Admission:
     address: str
     identity: Identity
 
+    @property
+    def sender(self) -> Sender:
+        return Sender(self.address, self.identity.username)
+
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
     code: int
     reason: str
+
+    def __post_init__(self) -> None:
+        # A close frame's reason may hold 123 bytes; a longer one would fail to send.
+        if len(self.reason.encode()) > 123:
+            object.__setattr__(self, "reason", self.reason.encode()[:120].decode(errors="ignore") + "...")
 
 
 class TokenProblem(Exception):
@@ -73,9 +91,12 @@ class Tokens:
             claims = self._jwt.decode(token)
         except UnauthorizedException as problem:
             raise TokenProblem(problem.message.lower()) from None
-        if not isinstance(claims, dict) or not isinstance(claims.get("exp"), int | float):
+        expiry = claims.get("exp") if isinstance(claims, dict) else None
+        # NaN and 1e309 (infinity) are numbers that never compare as past: no expiry at all.
+        if isinstance(expiry, bool) or not isinstance(expiry, int | float) or not math.isfinite(expiry):
             raise TokenProblem("token has no expiry")
-        name = check_username(claims.get("username") or claims.get("sub"), settings)
+        # Reserved names ("admin") are the operator's to give: a token may carry one.
+        name = check_username(claims.get("username") or claims.get("sub"), settings, reserved_ok=True)
         if isinstance(name, Rejection):
             raise TokenProblem(f"token username: {name.reason}")
         return Identity(username=name, admin=claims.get("role") == "admin")
@@ -86,17 +107,39 @@ def _unpadded_b64decode(part: str) -> bytes:
 
 
 class Gate:
-    """Admits sockets: origin, then token, then the number of sockets from the same address."""
+    """Admits sockets: room name, origin, token, new rooms per sender, then sockets per address.
 
-    def __init__(self, settings: Settings) -> None:
+    `admitted` is the one way in: an async context manager entered before anything else can
+    fail, whose exit gives the address's seat back whatever happened inside.
+    """
+
+    def __init__(self, settings: Settings, manager: ChatManager) -> None:
         self.settings = settings
-        self._open: Counter[str] = Counter()  # client address → sockets open
+        self.manager = manager
+        self.ledger = Ledger()  # rate limits that outlive sockets, by sender
 
     @property
     def tokens(self) -> Tokens | None:
         return Tokens(self.settings.jwt_secret) if self.settings.jwt_secret else None
 
-    def admit(self, scope: dict[str, Any]) -> Admission | Refusal:
+    @contextlib.asynccontextmanager
+    async def admitted(
+        self, websocket: WebSocket, room: str | None = None
+    ) -> AsyncIterator[Admission | Refusal]:
+        """`room`: the chat room asked for (None for the lobby)."""
+        admission = await self.admit(websocket.scope, room)
+        try:
+            yield admission
+        finally:
+            if isinstance(admission, Admission):
+                self.manager.backplane.release_seat(admission.address)
+
+    def limits(self, admission: Admission) -> RateLimits:
+        return RateLimits(self.settings, self.ledger, admission.sender)
+
+    async def admit(self, scope: dict[str, Any], room: str | None) -> Admission | Refusal:
+        if room is not None and (problem := room_name_problem(room, self.settings)):
+            return Refusal(CloseCode.POLICY_VIOLATION, problem)
         if problem := origin_problem(scope, self.settings):
             return Refusal(CloseCode.POLICY_VIOLATION, problem)
         identity = Identity()
@@ -108,18 +151,33 @@ class Gate:
                 identity = tokens.verify(token, self.settings)
             except TokenProblem as problem:
                 return Refusal(CloseCode.POLICY_VIOLATION, f"invalid token: {problem}")
-        address = (scope.get("client") or ("unknown", 0))[0]
+        admission = Admission((scope.get("client") or ("unknown", 0))[0], identity)
+        backplane = self.manager.backplane
         cap = self.settings.max_connections_per_ip
-        if cap and self._open[address] >= cap:
+        if not await backplane.take_seat(admission.address, cap):
             reason = f"too many connections from your address (at most {cap})"
             return Refusal(CloseCode.TRY_AGAIN_LATER, reason)
-        self._open[address] += 1
-        return Admission(address, identity)
+        # From here on the seat is taken: a refusal gives it back, an admission is given back by
+        # the caller (`admitted` does, on its way out).
+        if room is not None and (refusal := await self._new_room_refusal(room, admission.sender)):
+            backplane.release_seat(admission.address)
+            return refusal
+        return admission
 
-    def release(self, admission: Admission) -> None:
-        self._open[admission.address] -= 1
-        if self._open[admission.address] <= 0:
-            del self._open[admission.address]
+    async def _new_room_refusal(self, room: str, sender: Sender) -> Refusal | None:
+        """Opening a room nobody is in costs the sender one of its new rooms, and needs space."""
+        if room in self.manager.rooms or await self.manager.backplane.has_room(room):
+            return None
+        settings = self.settings
+        if settings.max_rooms and await self.manager.backplane.room_count() >= settings.max_rooms:
+            reason = f"the server has too many rooms open ({settings.max_rooms}): join an existing one"
+            return Refusal(CloseCode.TRY_AGAIN_LATER, reason)
+        if settings.room_creation_rate:
+            wait = room_creation_bucket(self.ledger, settings, sender).take()
+            if wait > 0:
+                reason = f"too many new rooms: try again in {math.ceil(wait)} s or join an existing room"
+                return Refusal(CloseCode.TRY_AGAIN_LATER, reason)
+        return None
 
 
 def origin_problem(scope: dict[str, Any], settings: Settings) -> str | None:
@@ -128,13 +186,22 @@ def origin_problem(scope: dict[str, Any], settings: Settings) -> str | None:
     origin = _header(scope, "origin")
     if origin is None:
         return None
+    # A close reason holds at most 123 bytes: 60 ASCII characters of the origin, at most.
+    shown = origin.encode("ascii", "backslashreplace").decode()[:60]
     if settings.allowed_origins:
         allowed = {item.strip().rstrip("/") for item in settings.allowed_origins.split(",")}
-        return None if "*" in allowed or origin in allowed else f"origin {origin} is not allowed"
-    if origin == "null":  # a page opened from disk
-        return None
-    parts = urlsplit(origin)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+        return None if "*" in allowed or origin in allowed else f"origin {shown} is not allowed"
+    if origin == "null":
+        # A page opened from disk sends "null", and so does a sandboxed frame on any web site.
+        # On a loopback-only server only this machine's pages reach us; beyond it, ask for it.
+        if settings.host in LOOPBACK_HOSTS:
+            return None
+        return "origin null (a page opened from disk) needs --allowed-origins null on this server"
+    try:
+        parts = urlsplit(origin)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # "http://localhost:99999", "http://[::1": not an origin a browser sends
+        return f"malformed origin {shown!r}"
     own_port = (scope.get("server") or ("", None))[1]
     if parts.hostname in LOOPBACK_HOSTS and port == own_port:
         return None
@@ -142,7 +209,7 @@ def origin_problem(scope: dict[str, Any], settings: Settings) -> str | None:
     # hostname other than localhost is a DNS-rebinding attack, not our page.
     if settings.host not in LOOPBACK_HOSTS and parts.netloc == _header(scope, "host"):
         return None
-    return f"origin {origin} is not allowed (see --allowed-origins)"
+    return f"origin {shown} is not allowed (see --allowed-origins)"
 
 
 def _header(scope: dict[str, Any], name: str) -> str | None:

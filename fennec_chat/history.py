@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import json
+import os
 import queue
 import secrets
 import sqlite3
 import sys
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,12 +64,16 @@ class History(ABC):
         """Finish pending writes and release the store."""
 
     @abstractmethod
-    def append(self, room: str, event: dict[str, Any]) -> asyncio.Future[Stored]:
-        """Number and store `event` (or find the earlier one with its client_msg_id).
+    def append(self, room: str, event: dict[str, Any], sender: str) -> asyncio.Future[Stored]:
+        """Number and store `event` (or find the earlier one `sender` sent with its client_msg_id:
+        a client_msg_id is the sender's own, so nobody else's can shadow it).
 
         Returns at once; the future resolves once the message is stored. Futures resolve in
         the order of their appends, so callbacks added to them run in message id order.
         """
+
+    def forget(self, room: str) -> None:  # noqa: B027 - most stores keep nothing in memory
+        """Nobody is in `room` any more: drop what is kept in memory about it."""
 
     @abstractmethod
     async def room_state(self, room: str) -> RoomState:
@@ -83,6 +90,8 @@ class History(ABC):
     async def since(self, room: str, after_id: int, epoch: str | None, limit: int) -> Page:
         """What a reconnecting client missed; `reset` if its position is not in this history."""
         state = await self.room_state(room)
+        if after_id == 0 and state.last_id == 0:
+            return Page([], state.epoch, truncated=False)  # an empty room is the same in any epoch
         if (epoch is not None and epoch != state.epoch) or after_id > state.last_id:
             page = await self._page(room, state, after_id=0, limit=limit)
             return Page(page.messages, page.epoch, page.truncated, reset=True)
@@ -100,7 +109,13 @@ def open_history(settings: Settings) -> History | None:
     """The history the settings ask for (not started yet), or None with --no-history."""
     if not settings.history:
         return None
-    return SQLiteHistory(settings.db, settings.history_retention)
+    return SQLiteHistory(settings.db, settings.history_retention, settings.history_days)
+
+
+def sender_digest(sender: str) -> str:
+    """What is stored of a sender: enough to tell senders apart, nothing to impersonate one with
+    (a sender key may be a tab's secret session id)."""
+    return hashlib.sha256(sender.encode()).hexdigest()[:32]
 
 
 # --- SQLite ------------------------------------------------------------------------------------
@@ -109,23 +124,34 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS rooms (
     room    TEXT PRIMARY KEY,
     epoch   TEXT NOT NULL,
-    last_id INTEGER NOT NULL
+    last_id INTEGER NOT NULL,
+    updated REAL NOT NULL DEFAULT 0     -- unix time of the last message
 );
 CREATE TABLE IF NOT EXISTS messages (
     room          TEXT NOT NULL,
     id            INTEGER NOT NULL,
     client_msg_id TEXT,
     event         TEXT NOT NULL,
+    sender        TEXT,                 -- sender_digest(): client_msg_ids are per sender
     PRIMARY KEY (room, id)
 ) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS messages_by_client_msg_id
-    ON messages (room, client_msg_id) WHERE client_msg_id IS NOT NULL;
 """
+# Databases made before: add what they lack. A room's age starts now for them.
+MIGRATIONS = {
+    ("rooms", "updated"): "ALTER TABLE rooms ADD COLUMN updated REAL NOT NULL DEFAULT 0",
+    ("messages", "sender"): "ALTER TABLE messages ADD COLUMN sender TEXT",
+}
+INDEXES = """
+DROP INDEX IF EXISTS messages_by_client_msg_id;
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_sender_msg_id
+    ON messages (room, sender, client_msg_id) WHERE client_msg_id IS NOT NULL;
+"""
+WAL_LIMIT_BYTES = 16 * 1024 * 1024  # what the WAL file is cut back to after each checkpoint
 
 
 @dataclass(slots=True)
 class _Job:
-    kind: str  # "append", "state", "messages" or "stop"
+    kind: str  # "append", "state", "messages", "forget", "truncate" or "stop"
     args: tuple
     future: asyncio.Future | None = field(default=None)
 
@@ -141,14 +167,20 @@ class SQLiteHistory(History):
     """
 
     CHECKPOINT_EVERY = 1.0  # seconds
+    EXPIRE_EVERY = 3600.0  # seconds between two looks for rooms idle past --history-days
 
-    def __init__(self, path: str, retention: int) -> None:
+    def __init__(self, path: str, retention: int, days: float = 0) -> None:
         self.path = path
         self.retention = retention
+        self.max_age = days * 86400  # seconds; 0 keeps every room
+        # Often enough that a room is gone within a tenth of its lifetime past its last message.
+        self.expire_every = min(self.EXPIRE_EVERY, max(self.max_age / 10, 0.05)) if days else None
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._rooms: dict[str, RoomState] = {}  # owned by the writer thread
+        # Owned by the writer thread: the rooms in use. A room gets its row with its first
+        # message, so that merely visiting a room stores nothing.
+        self._rooms: dict[str, RoomState] = {}
         self._lock_file: Any = None
         self._stopping = threading.Event()
         self._checkpointer: threading.Thread | None = None
@@ -215,13 +247,28 @@ class SQLiteHistory(History):
         db.execute("PRAGMA busy_timeout = 2000")
         try:
             while not self._stopping.wait(self.CHECKPOINT_EVERY):
+                # Under a steady flood a passive checkpoint never catches up and the WAL grows
+                # without end. Past its limit the writer empties it, between two batches: from
+                # here, it would block the writer and make messages wait, or fail.
+                if self._wal_bytes() > WAL_LIMIT_BYTES:
+                    self._jobs.put(_Job("truncate", ()))
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             db.close()
 
-    def append(self, room: str, event: dict[str, Any]) -> asyncio.Future[Stored]:
-        return self._submit("append", room, event)
+    def _wal_bytes(self) -> int:
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except OSError:
+            return 0
+
+    def append(self, room: str, event: dict[str, Any], sender: str) -> asyncio.Future[Stored]:
+        return self._submit("append", room, event, sender_digest(sender))
+
+    def forget(self, room: str) -> None:
+        if self._thread is not None:
+            self._jobs.put(_Job("forget", (room,)))
 
     async def room_state(self, room: str) -> RoomState:
         return await self._submit("state", room)
@@ -245,13 +292,28 @@ class SQLiteHistory(History):
             self._resolve([(ready, None, error)])
             return
         self._resolve([(ready, None, None)])
+        next_expiry = time.monotonic()
         try:
             while True:
-                jobs = [self._jobs.get()]
+                if self.expire_every is not None and time.monotonic() >= next_expiry:
+                    self._expire(db)
+                    next_expiry = time.monotonic() + self.expire_every
+                try:
+                    jobs = [self._jobs.get(timeout=self.expire_every)]
+                except queue.Empty:
+                    continue
                 while not self._jobs.empty():
                     jobs.append(self._jobs.get_nowait())
                 stopping = any(job.kind == "stop" for job in jobs)
-                self._resolve(self._work(db, [job for job in jobs if job.kind != "stop"]))
+                for job in jobs:
+                    if job.kind == "forget":
+                        self._rooms.pop(job.args[0], None)
+                self._resolve(
+                    self._work(db, [job for job in jobs if job.kind not in ("stop", "forget", "truncate")])
+                )
+                if any(job.kind == "truncate" for job in jobs):
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 if stopping:
                     if self.on_disk:
                         with contextlib.suppress(sqlite3.Error):
@@ -270,8 +332,29 @@ class SQLiteHistory(History):
         # Never checkpoint on commit: that would make one message wait for the disk.
         if self.on_disk:
             db.execute("PRAGMA wal_autocheckpoint = 0")
+        # However fast messages come, the WAL shrinks back to this after each checkpoint.
+        db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
         db.executescript(SCHEMA)
+        for (table, column), statement in MIGRATIONS.items():
+            if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                db.execute(statement)
+        db.execute("UPDATE rooms SET updated = ? WHERE updated = 0", (time.time(),))
+        db.executescript(INDEXES)
         return db
+
+    def _expire(self, db: sqlite3.Connection) -> None:
+        """Forget the rooms nobody has written in for --history-days: messages, ids and epoch."""
+        cutoff = time.time() - self.max_age
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("BEGIN IMMEDIATE")
+            expired = [room for (room,) in db.execute("SELECT room FROM rooms WHERE updated < ?", (cutoff,))]
+            db.execute(
+                "DELETE FROM messages WHERE room IN (SELECT room FROM rooms WHERE updated < ?)", (cutoff,)
+            )
+            db.execute("DELETE FROM rooms WHERE updated < ?", (cutoff,))
+            db.execute("COMMIT")
+            for room in expired:  # a member still there gets a new epoch with the next message
+                self._rooms.pop(room, None)
 
     def _work(self, db: sqlite3.Connection, jobs: list[_Job]) -> list[tuple]:
         results: list[tuple] = []
@@ -306,36 +389,39 @@ class SQLiteHistory(History):
         state = self._rooms.get(room)
         if state is None:
             row = db.execute("SELECT epoch, last_id FROM rooms WHERE room = ?", (room,)).fetchone()
-            if row is None:
-                # A room's history starts now: a new epoch tells clients it is not the old one.
-                state = RoomState(secrets.token_hex(8), 0)
-                db.execute("INSERT INTO rooms VALUES (?, ?, ?)", (room, state.epoch, state.last_id))
-            else:
-                state = RoomState(*row)
+            # A room without a row starts its history now: a new epoch tells clients so.
+            state = RoomState(secrets.token_hex(8), 0) if row is None else RoomState(*row)
             self._rooms[room] = state
         return state
 
-    def _append(self, db: sqlite3.Connection, room: str, event: dict[str, Any]) -> Stored:
+    def _append(self, db: sqlite3.Connection, room: str, event: dict[str, Any], sender: str) -> Stored:
         state = self._state(db, room)
         message_id = state.last_id + 1
         stored_event = {**event, "id": message_id}
         text = encode(stored_event)
         client_msg_id = event.get("client_msg_id")
         try:
-            db.execute("INSERT INTO messages VALUES (?, ?, ?, ?)", (room, message_id, client_msg_id, text))
+            db.execute(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?)", (room, message_id, client_msg_id, text, sender)
+            )
         except sqlite3.IntegrityError:
-            # The unique index says this client_msg_id was accepted before: a resend.
+            # The unique index says this sender's client_msg_id was accepted before: a resend.
             (original,) = db.execute(
-                "SELECT event FROM messages WHERE room = ? AND client_msg_id = ?", (room, client_msg_id)
+                "SELECT event FROM messages WHERE room = ? AND sender = ? AND client_msg_id = ?",
+                (room, sender, client_msg_id),
             ).fetchone()
             return Stored(json.loads(original), original, duplicate=True)
         self._rooms[room] = RoomState(state.epoch, message_id)
         return Stored(stored_event, text)
 
     def _save_last_id_and_prune(self, db: sqlite3.Connection, room: str) -> None:
-        last_id = self._rooms[room].last_id
-        db.execute("UPDATE rooms SET last_id = ? WHERE room = ?", (last_id, room))
-        db.execute("DELETE FROM messages WHERE room = ? AND id <= ?", (room, last_id - self.retention))
+        state = self._rooms[room]
+        db.execute(
+            "INSERT INTO rooms VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (room) DO UPDATE SET last_id = excluded.last_id, updated = excluded.updated",
+            (room, state.epoch, state.last_id, time.time()),
+        )
+        db.execute("DELETE FROM messages WHERE room = ? AND id <= ?", (room, state.last_id - self.retention))
 
     def _messages(self, db: sqlite3.Connection, room: str, after_id: int, limit: int) -> list[dict[str, Any]]:
         rows = db.execute(

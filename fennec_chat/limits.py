@@ -1,4 +1,9 @@
-"""Rate limits for one connection: token buckets for messages, typing notices and renames."""
+"""Rate limits: token buckets for frames, messages, typing notices, renames and new rooms.
+
+A limit belongs to whoever sends, not to the socket: a socket is free to close and reopen, so
+the buckets that matter live in a `Ledger` keyed by the sender (the token's identity, else the
+client address) and survive reconnects. Only the frame budget and the typing hint are per socket.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from .settings import Settings
 
 
 class TokenBucket:
-    """`rate` tokens a second, up to `burst`; each action takes one. A rate of 0 means no limit."""
+    """`rate` tokens a second, up to `burst`; an action takes some. A rate of 0 means no limit."""
 
     __slots__ = ("burst", "rate", "tokens", "updated")
 
@@ -22,17 +27,71 @@ class TokenBucket:
         self.tokens = self.burst
         self.updated = time.monotonic()
 
-    def take(self) -> float:
-        """Take a token: 0.0 if there was one, else the seconds until there will be."""
-        if self.rate <= 0:
-            return 0.0
+    def _refill(self) -> None:
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+
+    def take(self, cost: float = 1.0) -> float:
+        """Take `cost` tokens: 0.0 if there were enough, else the seconds until there will be."""
+        if self.rate <= 0:
             return 0.0
-        return (1 - self.tokens) / self.rate
+        self._refill()
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return 0.0
+        return (cost - self.tokens) / self.rate
+
+    def charge(self, cost: float) -> None:
+        """Take `cost` tokens even if that leaves a debt (at most a burst's worth), which the
+        next actions wait for: the price of a frame that turned out to be useless."""
+        if self.rate > 0:
+            self._refill()
+            self.tokens = max(-self.burst, self.tokens - cost)
+
+    def is_full(self) -> bool:
+        return self.rate <= 0 or self.tokens + (time.monotonic() - self.updated) * self.rate >= self.burst
+
+
+class Ledger:
+    """Token buckets that belong to senders, kept across their connections.
+
+    A bucket that has filled up again is forgotten (a new one would be the same), so the ledger
+    holds only the senders that were busy within the last minute or so, whatever their number.
+    """
+
+    SWEEP_EVERY = 30.0  # seconds
+
+    def __init__(self) -> None:
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self._swept = time.monotonic()
+
+    def bucket(self, kind: str, sender: str, rate: float, burst: float) -> TokenBucket:
+        if time.monotonic() - self._swept > self.SWEEP_EVERY:
+            self.sweep()
+        bucket = self._buckets.get((kind, sender))
+        if bucket is None:
+            bucket = self._buckets[kind, sender] = TokenBucket(rate, burst)
+        return bucket
+
+    def sweep(self) -> None:
+        self._swept = time.monotonic()
+        self._buckets = {key: bucket for key, bucket in self._buckets.items() if not bucket.is_full()}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """Who is sending, for the limits: a token's user, else nobody in particular from an address."""
+
+    address: str
+    user: str | None = None  # the token's username, with --jwt-secret
+
+    @property
+    def key(self) -> str:
+        return f"user:{self.user}" if self.user is not None else f"address:{self.address}"
 
 
 @dataclass
@@ -44,36 +103,82 @@ class Verdict:
 
 
 class RateLimits:
-    """One connection's limits. Typing beyond its limit is dropped silently (it is only a hint);
-    messages and renames beyond theirs get `rate_limited` with `retry_after`. A client that
-    keeps going after many warnings is flooding, and is closed."""
+    """One connection's limits. Every frame takes from the connection's frame budget; messages
+    and renames from their sender's buckets (and messages also from their address's, shared by
+    everyone behind it). Typing beyond its limit is dropped silently (it is only a hint); the
+    rest gets `rate_limited` with `retry_after`. A sender that keeps going after many warnings is
+    flooding, and its connection is closed.
 
-    __slots__ = ("messages", "renames", "typing", "warnings")
+    Shared buckets are looked up in the ledger at each use, not kept: the ledger forgets full
+    buckets, and a kept one would then no longer be the one the sender's other sockets use.
+    """
 
-    def __init__(self, settings: Settings) -> None:
-        self.messages = TokenBucket(settings.rate_messages, settings.rate_messages_burst)
+    __slots__ = ("frames", "ledger", "messages", "renames", "sender", "settings", "typing", "warnings")
+
+    FRAME_BYTES = 4096  # a frame costs one from the budget per started 4 KiB...
+    UNREADABLE_BYTES = 1024  # ...and one per KiB if it turns out not to be a command at all
+
+    def __init__(self, settings: Settings, ledger: Ledger, sender: Sender) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.sender = sender
+        self.frames = TokenBucket(settings.rate_frames, 2 * settings.rate_frames)
         self.typing = TokenBucket(settings.rate_typing, 1)
+        # Anonymous: nothing tells two people behind one address apart but their sockets, so
+        # their own budgets (and warnings) are the socket's; the address's budget is shared.
+        self.messages = TokenBucket(settings.rate_messages, settings.rate_messages_burst)
         self.renames = TokenBucket(settings.rate_renames, settings.rate_renames_burst)
-        # Warnings refill one a second: only a client that ignores them runs out.
+        # Warnings refill one a second: only a sender that ignores them runs out.
         self.warnings = TokenBucket(1.0 if settings.flood_warnings else 0, settings.flood_warnings)
+
+    def _own(self, kind: str, bucket: TokenBucket) -> TokenBucket:
+        """The sender's bucket of this kind: a token's user shares it across its sockets."""
+        if self.sender.user is None:
+            return bucket
+        return self.ledger.bucket(kind, self.sender.key, bucket.rate, bucket.burst)
+
+    def check_frame(self, frame: dict) -> Verdict | None:
+        """Before a frame is even parsed: None if the connection's frame budget allows it."""
+        size = len(frame.get("text") or frame.get("bytes") or "")
+        wait = self.frames.take(1 + size // self.FRAME_BYTES)
+        return None if wait == 0 else self.refuse(wait, None, "too many frames")
+
+    def charge_unreadable(self, frame: dict) -> None:
+        """A frame that was not a command costs its full size."""
+        size = len(frame.get("text") or frame.get("bytes") or "")
+        self.frames.charge(size // self.UNREADABLE_BYTES)
 
     def check(self, command: protocol.Command | Rejection) -> Verdict:
         if isinstance(command, Typing):
             return Verdict(command if self.typing.take() == 0 else None)
-        bucket = {SendMessage: self.messages, SetUsername: self.renames}.get(type(command))
-        wait = bucket.take() if bucket is not None else 0.0
+        if isinstance(command, SendMessage):
+            wait = self._own("messages", self.messages).take() or self._address_messages().take()
+            what = "messages"
+        elif isinstance(command, SetUsername):
+            wait, what = self._own("renames", self.renames).take(), "renames"
+        else:
+            return Verdict(command)
         if wait == 0:
             return Verdict(command)
-        return self.refuse(wait, getattr(command, "client_msg_id", None))
+        return self.refuse(wait, getattr(command, "client_msg_id", None), f"too many {what}")
 
     def check_request(self) -> Verdict | None:
         """A lobby refresh counts as a message: None if it may go ahead."""
         wait = self.messages.take()
-        return None if wait == 0 else self.refuse(wait, None)
+        return None if wait == 0 else self.refuse(wait, None, "too many requests")
 
-    def refuse(self, wait: float, client_msg_id: str | None) -> Verdict:
+    def refuse(self, wait: float, client_msg_id: str | None, what: str) -> Verdict:
         retry_after = math.ceil(wait * 1000) / 1000
-        rejection = Rejection(
-            ErrorCode.RATE_LIMITED, f"slow down: try again in {retry_after} s", retry_after, client_msg_id
-        )
-        return Verdict(rejection, flooding=self.warnings.take() > 0)
+        reason = f"slow down, {what}: try again in {retry_after} s"
+        rejection = Rejection(ErrorCode.RATE_LIMITED, reason, retry_after, client_msg_id)
+        return Verdict(rejection, flooding=self._own("warnings", self.warnings).take() > 0)
+
+    def _address_messages(self) -> TokenBucket:
+        per_address = self.settings.rate_messages_per_address
+        return self.ledger.bucket("messages", f"address:{self.sender.address}", per_address, 2 * per_address)
+
+
+def room_creation_bucket(ledger: Ledger, settings: Settings, sender: Sender) -> TokenBucket:
+    """New rooms a sender may open: `room_creation_rate` a minute, as a burst too."""
+    per_minute = settings.room_creation_rate
+    return ledger.bucket("rooms", sender.key, per_minute / 60, per_minute)

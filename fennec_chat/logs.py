@@ -6,15 +6,19 @@ import copy
 import logging
 import re
 from typing import Any
+from urllib.parse import unquote_plus
 
 import uvicorn
 
-TOKEN_IN_URL = re.compile(r"(token=)[^&\s\"']+")
+# A query parameter in a logged URL: its name and its value.
+QUERY_PARAMETER = re.compile(r"(?<=[?&;])([^=&;\s\"'#]+)=([^&;\s\"'#]*)")
+SECRET_PARAMETERS = {"token", "session"}
 
 
 class RedactTokens(logging.Filter):
     """uvicorn logs every WebSocket and HTTP request with its query string, even with the
-    access log off: replace the value of any token= with [redacted]."""
+    access log off: replace the value of every `token` (and tab `session`) parameter with
+    [redacted]. By its decoded name, as the server reads it: ?tok%65n= is a token too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         # Redact the arguments in place: uvicorn's access formatter reads them one by one.
@@ -26,7 +30,16 @@ class RedactTokens(logging.Filter):
 
 
 def redact(text: str) -> str:
-    return TOKEN_IN_URL.sub(r"\1[redacted]", text) if "token=" in text else text
+    if "=" not in text:
+        return text
+    return QUERY_PARAMETER.sub(_redact_parameter, text)
+
+
+def _redact_parameter(match: re.Match[str]) -> str:
+    name = match.group(1)
+    if unquote_plus(name) in SECRET_PARAMETERS:
+        return f"{name}=[redacted]"
+    return match.group(0)
 
 
 def log_config() -> dict[str, Any]:

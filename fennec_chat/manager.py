@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from fennec import WebSocket, WebSocketManager
 from . import protocol
 from .backplane import Backplane, BackplaneUnavailable, LocalBackplane, RoomEvent, open_backplane
 from .history import History, Stored
+from .lobby import LOBBY_ROOMS, Lobby, room_list
 from .outbox import Outbox
 from .protocol import CloseCode, ErrorCode
 from .settings import Settings
@@ -31,6 +33,7 @@ class Client:
     id: str
     outbox: Outbox
     username: str
+    author: str  # whose client_msg_ids its messages carry: a token's user, a tab, or this socket
     room: str | None = None
     # While a newcomer's history is being read, room events wait here as (message id, text).
     held: list[tuple[int | None, str]] | None = None
@@ -53,11 +56,10 @@ class ChatManager(WebSocketManager):
         super().__init__()  # connections: id → WebSocket; rooms: name → set of ids (this process)
         self.settings = settings
         self.clients: dict[str, Client] = {}
-        self.lobby_watchers: set[str] = set()
+        self.lobby = Lobby(settings.lobby_interval, self._room_list, self._deliver)
         self.backplane: Backplane = LocalBackplane(history=None)  # replaced by start()
         self._resyncing: asyncio.Task | None = None
         self._closing: dict[str, Outbox] = {}  # dropped by the server, close frame on its way
-        self._lobby_push = Throttle(settings.lobby_interval, self._push_rooms_update)
 
     @property
     def history(self) -> History | None:
@@ -72,10 +74,15 @@ class ChatManager(WebSocketManager):
 
     # --- Connections (Fennec's API, extended) -------------------------------------------------
 
-    async def connect(self, websocket: WebSocket, client_id: str | None = None) -> str:
+    async def connect(
+        self, websocket: WebSocket, client_id: str | None = None, author: str | None = None
+    ) -> str:
+        """Register a socket. `author`: who its messages' client_msg_ids belong to (a token's
+        user or a tab's session), if more than this one socket."""
         client_id = await super().connect(websocket, client_id)
-        outbox = Outbox(websocket, self.settings.outbox_limit)
-        self.clients[client_id] = Client(client_id, outbox, default_username(client_id))
+        outbox = Outbox(websocket, self.settings.outbox_limit, self.settings.outbox_bytes)
+        author = author or f"client:{client_id}"
+        self.clients[client_id] = Client(client_id, outbox, default_username(client_id), author)
         return client_id
 
     async def disconnect(self, client_id: str) -> None:
@@ -137,9 +144,10 @@ class ChatManager(WebSocketManager):
         saw; the backplane sends a room's messages in id order. The sender does not wait for
         the commit (its next messages can share it) unless it has many in flight.
         """
-        stored = self.backplane.publish_message(room, event)
-        stored.add_done_callback(functools.partial(self._after_publish, sender, event))
         client = self.clients.get(sender)
+        author = client.author if client is not None else f"client:{sender}"
+        stored = self.backplane.publish_message(room, event, author)
+        stored.add_done_callback(functools.partial(self._after_publish, sender, event))
         if client is not None:
             client.in_flight += 1
             if client.in_flight > MAX_IN_FLIGHT:
@@ -277,7 +285,7 @@ class ChatManager(WebSocketManager):
         if client is None:
             return
         self.connections.pop(client_id, None)
-        self.lobby_watchers.discard(client_id)
+        self.lobby.watchers.discard(client_id)
         if close is None:
             client.outbox.stop()
         else:
@@ -322,31 +330,30 @@ class ChatManager(WebSocketManager):
 
     async def watch_lobby(self, client_id: str) -> None:
         """Send the room list now, and again after every change."""
-        self.lobby_watchers.add(client_id)
+        self.lobby.watchers.add(client_id)
         await self.send_rooms_update(client_id)
 
     async def send_rooms_update(self, client_id: str) -> None:
-        await self.send_json(client_id, protocol.rooms_update(await self.rooms_summary()))
+        """The room list as it is (or a moment ago: a fresh one follows if it changed)."""
+        self._deliver(await self.lobby.current(), (client_id,))
 
-    async def rooms_summary(self) -> dict[str, dict[str, Any]]:
-        """Every room with members, on every process: {room: {users, usernames}}."""
-        everywhere = await self.backplane.rooms()
-        for room, ids in self.rooms.items():
-            everywhere.setdefault(room, {}).update({cid: self.clients[cid].username for cid in ids})
-        return {
-            room: {"users": len(members), "usernames": sorted(members.values())}
-            for room, members in sorted(everywhere.items())
-            if members
-        }
+    async def _room_list(self) -> dict[str, Any]:
+        """The busiest rooms on every process, as a `rooms_update` event."""
+        listed = await self.backplane.busiest_rooms(LOBBY_ROOMS)
+        if listed is None:  # this process alone
+            busiest = heapq.nlargest(LOBBY_ROOMS, self.rooms.items(), key=lambda item: len(item[1]))
+            return room_list(((room, self._names(ids)) for room, ids in busiest), len(self.rooms))
+        # Our own newest members may not have reached the backplane yet.
+        rooms = [
+            (room, {**members, **self._names(self.rooms.get(room, ()))}) for room, members in listed.rooms
+        ]
+        return room_list(rooms, listed.total)
+
+    def _names(self, client_ids: Iterable[str]) -> dict[str, str]:
+        return {cid: self.clients[cid].username for cid in client_ids if cid in self.clients}
 
     def _lobby_changed(self) -> None:
-        if self.lobby_watchers:
-            self._lobby_push.request()
-
-    async def _push_rooms_update(self) -> None:
-        if self.lobby_watchers:
-            update = protocol.encode(protocol.rooms_update(await self.rooms_summary()))
-            self._deliver(update, tuple(self.lobby_watchers))
+        self.lobby.changed()
 
     # --- Health and shutdown ------------------------------------------------------------------
 
@@ -354,15 +361,15 @@ class ChatManager(WebSocketManager):
         return {
             "connections": len(self.connections),
             "rooms": len(self.rooms),
-            "chat_clients": len(self.clients) - len(self.lobby_watchers),
-            "lobby_clients": len(self.lobby_watchers),
+            "chat_clients": len(self.clients) - len(self.lobby.watchers),
+            "lobby_clients": len(self.lobby.watchers),
             "queued_events": sum(client.outbox.queued for client in self.clients.values()),
             "backplane": self.backplane.state(),
         }
 
     async def shutdown(self) -> None:
         """Release everything (uvicorn has already closed every socket by now)."""
-        self._lobby_push.cancel()
+        self.lobby.cancel()
         for client_id in list(self.clients):
             self._drop(client_id)
         await self.backplane.close()
@@ -370,44 +377,3 @@ class ChatManager(WebSocketManager):
 
 def default_username(client_id: str) -> str:
     return f"User-{client_id[:8]}"
-
-
-class Throttle:
-    """Runs a coroutine soon after `request()`, at most once per `interval` seconds.
-
-    Requests that arrive while one is pending are merged into it, so a burst of room changes
-    becomes one `rooms_update` for the lobby.
-    """
-
-    def __init__(self, interval: float, callback: Callable[[], Awaitable[None]]) -> None:
-        self._interval = interval
-        self._callback = callback
-        self._timer: asyncio.TimerHandle | None = None
-        self._running: asyncio.Task | None = None
-        self._last_run = float("-inf")
-
-    def request(self) -> None:
-        if self._timer is None:
-            loop = asyncio.get_running_loop()
-            delay = max(0.0, self._last_run + self._interval - loop.time())
-            self._timer = loop.call_later(delay, self._run)
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._running is not None:
-            self._running.cancel()
-
-    def _run(self) -> None:
-        self._timer = None
-        self._last_run = asyncio.get_running_loop().time()
-        self._running = asyncio.create_task(self._call())
-
-    async def _call(self) -> None:
-        try:
-            await self._callback()
-        except Exception:
-            logger.exception("lobby update failed")
-        finally:
-            self._running = None

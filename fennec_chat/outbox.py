@@ -23,21 +23,25 @@ class Outbox:
 
     __slots__ = (
         "_accepting",
+        "_byte_limit",
         "_closing",
         "_limit",
         "_pending",
+        "_pending_bytes",
         "_waiter",
         "_websocket",
         "_write_now",
         "_writer",
     )
 
-    def __init__(self, websocket: WebSocket, limit: int) -> None:
+    def __init__(self, websocket: WebSocket, limit: int, byte_limit: int) -> None:
         self._websocket = websocket
-        self._limit = limit
+        self._limit = limit  # events...
+        self._byte_limit = byte_limit  # ...and their bytes: a few big room lists count as much
         # A list, not a deque: an empty deque costs 600 bytes per connection, and an outbox is
         # nearly always empty or a few events long, where popping from the front is as cheap.
-        self._pending: list[str] = []
+        self._pending: list[tuple[str, int]] = []  # (event, its size in bytes)
+        self._pending_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
         self._closing: tuple[int, str] | None = None
         self._accepting = True  # False once closing, or once the socket turned out to be gone
@@ -52,9 +56,14 @@ class Outbox:
         # Straight to the socket only when the writer is idle: it keeps the order otherwise.
         if self._waiter is not None and self._write_now is not None and self._write_now(data):
             return True
-        if len(self._pending) >= self._limit:
+        # Bytes count once something waits: one event bigger than the limit (a long history
+        # page) still gets through to a client that reads.
+        if len(self._pending) >= self._limit or (
+            self._pending and self._pending_bytes + len(data) > self._byte_limit
+        ):
             return False
-        self._pending.append(text)
+        self._pending.append((text, len(data)))
+        self._pending_bytes += len(data)
         self._wake_writer()
         return True
 
@@ -63,7 +72,7 @@ class Outbox:
         `discard` (a client that stopped reading will not read what is queued anyway)."""
         self._accepting = False
         if discard:
-            self._pending.clear()
+            self._discard()
         self._closing = (code, reason)
         self._wake_writer()
 
@@ -76,7 +85,7 @@ class Outbox:
         """
         if self._closing is None:
             self._accepting = False
-            self._pending.clear()
+            self._discard()
             self._wake_writer()
 
     async def wait_closed(self, timeout: float) -> None:
@@ -87,6 +96,10 @@ class Outbox:
     @property
     def queued(self) -> int:
         return len(self._pending)
+
+    def _discard(self) -> None:
+        self._pending.clear()
+        self._pending_bytes = 0
 
     def _wake_writer(self) -> None:
         waiter = self._waiter
@@ -105,7 +118,9 @@ class Outbox:
             while True:
                 # Send everything queued in one go: one wake-up per burst, not per event.
                 while pending:
-                    await send({"type": "websocket.send", "text": pending.pop(0)})
+                    text, size = pending.pop(0)
+                    self._pending_bytes -= size
+                    await send({"type": "websocket.send", "text": text})
                 if self._closing is not None:
                     await self._websocket.close(*self._closing)
                     return
@@ -116,4 +131,4 @@ class Outbox:
         except Exception:
             # The peer vanished mid-send; its receive loop sees the disconnect and cleans up.
             self._accepting = False
-            self._pending.clear()
+            self._discard()

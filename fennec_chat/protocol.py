@@ -25,10 +25,11 @@ class CloseCode(IntEnum):
     MESSAGE_TOO_BIG = 1009  # a frame above max_frame_bytes (sent by uvicorn)
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012  # the server is shutting down: reconnect soon
-    TRY_AGAIN_LATER = (
-        1013  # the client stopped reading and its outbox overflowed, or too many sockets from one address
-    )
+    # The client stopped reading and its outbox overflowed, too many sockets from one address,
+    # too many new rooms from one address, or too many rooms on the server.
+    TRY_AGAIN_LATER = 1013
     KICKED = 4001  # an admin removed the client (an application code: 4000-4999)
+    KEEPALIVE_TIMEOUT = 4408  # no pong came back in time: the connection is presumed dead
 
 
 class ErrorCode:
@@ -43,6 +44,7 @@ class ErrorCode:
     UNSUPPORTED_FRAME = "unsupported_frame"
     INVALID_CLIENT_MSG_ID = "invalid_client_msg_id"
     INVALID_SINCE = "invalid_since"
+    INVALID_SESSION = "invalid_session"
     HISTORY_UNAVAILABLE = "history_unavailable"
     BACKPLANE_UNAVAILABLE = "backplane_unavailable"
     RATE_LIMITED = "rate_limited"
@@ -109,6 +111,8 @@ def parse_command(frame: dict[str, Any], settings: Settings) -> Command | Reject
         return Rejection(ErrorCode.INVALID_EVENT, 'expected a JSON object with a string "type"')
 
     kind = data["type"]
+    if (too_big := _padding_problem(kind, len(text), settings)) is not None:
+        return too_big
     if kind == "message":
         return _chat_message(data.get("message"), data.get("client_msg_id"), settings)
     if kind == "set_username":
@@ -124,15 +128,58 @@ def parse_command(frame: dict[str, Any], settings: Settings) -> Command | Reject
     return Rejection(ErrorCode.UNKNOWN_TYPE, 'unknown "type"; expected message, set_username, typing or kick')
 
 
+# Rejections of frames the server could not even read as a command: these cost their full size
+# from the sender's frame budget (see limits.py).
+UNREADABLE = frozenset(
+    {ErrorCode.INVALID_JSON, ErrorCode.INVALID_EVENT, ErrorCode.UNKNOWN_TYPE, ErrorCode.UNSUPPORTED_FRAME}
+)
+ENVELOPE_CHARS = 256  # "type", the field names, quotes and a few small extra fields
+KICK_TARGET_CHARS = 64
+
+
+def max_frame_chars(kind: str, settings: Settings) -> int | None:
+    """The longest frame a command needs; None for types that are not commands. Every character
+    of a field can take 12 in JSON (a \\uXXXX escape pair), hence the factor."""
+    field_chars = {
+        "message": settings.max_message_chars + 64,  # the message and a client_msg_id
+        "set_username": settings.max_username_chars,
+        "typing": 0,
+        "kick": KICK_TARGET_CHARS,
+    }.get(kind)
+    return None if field_chars is None else ENVELOPE_CHARS + 12 * field_chars
+
+
+def _padding_problem(kind: str, length: int, settings: Settings) -> Rejection | None:
+    """Refuse a command padded beyond what it needs (whitespace or unknown fields): parsing
+    and keeping it would cost the server more than the sender's frame budget accounts for."""
+    limit = max_frame_chars(kind, settings)
+    if limit is None or length <= limit:
+        return None
+    return Rejection(
+        ErrorCode.INVALID_EVENT, f"a {kind} frame may be at most {limit} characters; this had {length}"
+    )
+
+
 # --- Validation ------------------------------------------------------------------------------
 
 ROOM_NAME = re.compile(r"[A-Za-z0-9._-]+")
 CLIENT_MSG_ID = re.compile(r"[!-~]{1,64}")
 EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MESSAGE_ID = re.compile(r"[0-9]{1,18}")
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 # Lone surrogates can arrive as JSON escapes ("\ud800") but cannot be encoded as UTF-8 again.
 _SURROGATES = re.compile("[\ud800-\udfff]")
 # Characters that reorder the text around them: a name could then display as someone else's.
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Letters and symbols that render as blank space: a name made of them looks like nobody.
+_BLANK_LOOKING = frozenset("\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0")
+# Format (Cf: zero-width, bidi marks, soft hyphen), private-use and surrogate code points, and
+# separators. (Not unassigned ones: this Python's Unicode is older than the newest emoji.)
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cs", "Zl", "Zp", "Zs"})
+_JOINERS = frozenset("\u200c\u200d")  # zero width non-joiner and joiner
+_SPACES = re.compile(r"[^\S\n\r\t\v\f\x1c-\x1f\x85\u2028\u2029]+")  # runs of Zs: spaces of any width
+MAX_COMBINING_MARKS = 3  # per character: enough for Vietnamese, not for a tower of "zalgo"
+RESERVED_NAMES = frozenset({"system", "server", "admin", "administrator", "moderator"})
 
 
 def room_name_problem(room: str, settings: Settings) -> str | None:
@@ -142,17 +189,47 @@ def room_name_problem(room: str, settings: Settings) -> str | None:
     return None
 
 
-def check_username(name: object, settings: Settings) -> str | Rejection:
-    """The username to use (trimmed), or why `name` cannot be one."""
+def check_username(name: object, settings: Settings, reserved_ok: bool = False) -> str | Rejection:
+    """The username to use (trimmed, each run of spaces made one plain space), or why `name`
+    cannot be one. `reserved_ok`: the name comes from the operator (a token)."""
     limit = settings.max_username_chars
     if not isinstance(name, str):
         return Rejection(ErrorCode.INVALID_USERNAME, "username must be a string")
-    name = name.strip()
+    # Any kind of space (an ideographic one between family and given name) is a space.
+    name = _SPACES.sub(" ", name).strip()
     if not 1 <= len(name) <= limit:
         return Rejection(ErrorCode.INVALID_USERNAME, f"username must be 1-{limit} characters")
     if _SURROGATES.search(name) or any(_is_control(ch) or ch in _BIDI_CONTROLS for ch in name):
         return Rejection(ErrorCode.INVALID_USERNAME, "username must not contain control characters")
+    if any(_is_invisible(name, index) for index in range(len(name))):
+        return Rejection(ErrorCode.INVALID_USERNAME, "username must not contain invisible characters")
+    if _most_combining_marks(name) > MAX_COMBINING_MARKS:
+        return Rejection(
+            ErrorCode.INVALID_USERNAME, f"username may have at most {MAX_COMBINING_MARKS} accents per letter"
+        )
+    if not reserved_ok and " ".join(unicodedata.normalize("NFKC", name).casefold().split()) in RESERVED_NAMES:
+        return Rejection(ErrorCode.INVALID_USERNAME, f"{name!r} is reserved: pick another name")
     return name
+
+
+def _is_invisible(text: str, index: int) -> bool:
+    ch = text[index]
+    if ch in _JOINERS:
+        # Inside a word or an emoji sequence (ශ්‍රී, Persian names, 👩‍💻) a joiner shapes what is
+        # around it; at either end of a name, or beside a space, it is a ghost.
+        before = unicodedata.category(text[index - 1])[0] if index > 0 else ""
+        after = unicodedata.category(text[index + 1])[0] if index + 1 < len(text) else ""
+        return not (before in ("L", "M", "S") and after in ("L", "S"))
+    return ch in _BLANK_LOOKING or (ch != " " and unicodedata.category(ch) in _INVISIBLE_CATEGORIES)
+
+
+def _most_combining_marks(text: str) -> int:
+    """The longest run of combining marks (accents stacked on one character)."""
+    longest = run = 0
+    for ch in text:
+        run = run + 1 if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me") else 0
+        longest = max(longest, run)
+    return longest
 
 
 def _chat_message(message: object, client_msg_id: object, settings: Settings) -> SendMessage | Rejection:
@@ -179,16 +256,23 @@ def _chat_message(message: object, client_msg_id: object, settings: Settings) ->
 
 @dataclass(frozen=True, slots=True)
 class JoinRequest:
-    """What a client asks for in its connect URL: ?username=NAME&since=ID&epoch=EPOCH."""
+    """What a client asks for in its connect URL: ?username=NAME&since=ID&epoch=EPOCH&session=ID."""
 
     username: str | None = None  # join under this name instead of the default one
+    session: str | None = None  # the tab's own id: its client_msg_ids are its own
     since: int | None = None  # resume after this message id...
     epoch: str | None = None  # ...of this history
     problems: tuple[Rejection, ...] = ()  # parameters that were ignored, and why
 
 
 def parse_join(query: dict[str, str], settings: Settings) -> JoinRequest:
-    username, since, epoch, problems = None, None, None, []
+    username, since, epoch, session, problems = None, None, None, None, []
+    if "session" in query:
+        if SESSION_ID.fullmatch(query["session"]):
+            session = query["session"]
+        else:
+            reason = "session must be 16-64 letters, digits, '-' or '_'"
+            problems.append(Rejection(ErrorCode.INVALID_SESSION, reason))
     if "username" in query:
         checked = check_username(query["username"], settings)
         if isinstance(checked, Rejection):
@@ -197,13 +281,14 @@ def parse_join(query: dict[str, str], settings: Settings) -> JoinRequest:
             username = checked
     raw_since, raw_epoch = query.get("since"), query.get("epoch")
     if raw_since is not None:
-        if raw_since.isdigit() and len(raw_since) <= 18 and (raw_epoch is None or EPOCH.fullmatch(raw_epoch)):
+        # ASCII digits only: str.isdigit() accepts '²', which int() then refuses.
+        if MESSAGE_ID.fullmatch(raw_since) and (raw_epoch is None or EPOCH.fullmatch(raw_epoch)):
             since, epoch = int(raw_since), raw_epoch
         else:
             problems.append(
                 Rejection(ErrorCode.INVALID_SINCE, "since must be a message id and epoch an epoch")
             )
-    return JoinRequest(username, since, epoch, tuple(problems))
+    return JoinRequest(username, session, since, epoch, tuple(problems))
 
 
 def _is_control(ch: str) -> bool:
@@ -306,8 +391,10 @@ def typing(username: str, client_id: str) -> dict[str, Any]:
     return {"type": "typing", "username": username, "client_id": client_id, "timestamp": now()}
 
 
-def rooms_update(rooms: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {"type": "rooms_update", "rooms": rooms, "timestamp": now()}
+def rooms_update(rooms: dict[str, dict[str, Any]], total_rooms: int | None = None) -> dict[str, Any]:
+    """`rooms`: the busiest rooms, busiest first; `total_rooms`: how many there are in all."""
+    total = len(rooms) if total_rooms is None else total_rooms
+    return {"type": "rooms_update", "rooms": rooms, "total_rooms": total, "timestamp": now()}
 
 
 def kicked(username: str, client_id: str, by: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import os
 import secrets
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -37,19 +37,23 @@ try:
 except ImportError as missing:  # pragma: no cover - depends on the installation
     raise RuntimeError("--redis-url needs redis-py: pip install 'fennec-chat[redis]'") from missing
 
-from .backplane import Backplane, BackplaneUnavailable, Deliver, RoomEvent, StateChanged
-from .history import History, RoomState, Stored
+from .backplane import Backplane, BackplaneUnavailable, Deliver, RoomEvent, RoomList, StateChanged
+from .history import History, RoomState, Stored, sender_digest
 from .protocol import encode, now
 from .settings import Settings
 
 logger = logging.getLogger("fennec_chat")
 
+SEATS_RESTATED_EVERY = 60.0  # seconds
+
 REDIS_OPTIONS: dict[str, Any] = {"decode_responses": True, "socket_connect_timeout": 2, "socket_timeout": 5}
 
-# Number, store and publish one message. A repeated client_msg_id returns the original instead.
+# Number, store and publish one message. A client_msg_id its sender used before returns the
+# original instead. Every key of the room's history lives `ttl` ms past its last message.
 APPEND = """
 local stream, last_id, epoch, client_msg_ids, channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local event, client_msg_id, retention, new_epoch = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local ttl = tonumber(ARGV[5])
 redis.call('SET', epoch, new_epoch, 'NX')
 if client_msg_id ~= '' then
   local earlier = redis.call('ZSCORE', client_msg_ids, client_msg_id)
@@ -66,18 +70,28 @@ if client_msg_id ~= '' then
   redis.call('ZADD', client_msg_ids, id, client_msg_id)
   redis.call('ZREMRANGEBYSCORE', client_msg_ids, '-inf', id - retention)
 end
+if ttl > 0 then
+  for _, key in ipairs({stream, last_id, epoch, client_msg_ids}) do redis.call('PEXPIRE', key, ttl) end
+end
 redis.call('PUBLISH', channel, id .. '\\t\\n' .. text)
 return {0, text}
 """
 
+# An epoch made for a room without messages expires too (a visit stores nothing for good).
 ROOM_STATE = """
-redis.call('SET', KEYS[2], ARGV[1], 'NX')
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+else
+  redis.call('SET', KEYS[2], ARGV[1], 'NX')
+end
 return {redis.call('GET', KEYS[2]), tonumber(redis.call('GET', KEYS[1]) or '0')}
 """
 
+# Rooms with members are a sorted set scored by their member count: the lobby reads the busiest
+# ones without looking at the others.
 JOIN = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[2], redis.call('HLEN', KEYS[1]), ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[3] .. '|' .. ARGV[1])
 redis.call('PUBLISH', KEYS[4], '')
 """
@@ -85,8 +99,40 @@ redis.call('PUBLISH', KEYS[4], '')
 LEAVE = """
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[2] .. '|' .. ARGV[1])
-if redis.call('HLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[2]) end
+local left = redis.call('HLEN', KEYS[1])
+if left == 0 then redis.call('ZREM', KEYS[2], ARGV[2]) else redis.call('ZADD', KEYS[2], left, ARGV[2]) end
 redis.call('PUBLISH', KEYS[4], '')
+"""
+
+# Seats: the sockets each process holds for one client address (a hash: process → count).
+TAKE_SEAT = """
+local cap, total = tonumber(ARGV[2]), 0
+for _, count in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(count) end
+if cap > 0 and total >= cap then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('SADD', KEYS[2], ARGV[3])
+return 1
+"""
+
+# What this process holds, said anew: its old counts go (some releases may have been lost while
+# Redis was away), the ones given (address, count, address, count, ...) are set.
+RESTATE_SEATS = """
+local mine, process, prefix = KEYS[1], ARGV[1], ARGV[2]
+for _, address in ipairs(redis.call('SMEMBERS', mine)) do
+  redis.call('HDEL', prefix .. 'seats:' .. address, process)
+end
+redis.call('DEL', mine)
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', prefix .. 'seats:' .. ARGV[i], process, ARGV[i + 1])
+  redis.call('SADD', mine, ARGV[i])
+end
+"""
+
+RELEASE_SEAT = """
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('SREM', KEYS[2], ARGV[2])
+end
 """
 
 RENAME = """
@@ -109,7 +155,8 @@ for _, entry in ipairs(entries) do
   local member = redis.call('HGET', members, client_id)
   if member then
     redis.call('HDEL', members, client_id)
-    if redis.call('HLEN', members) == 0 then redis.call('SREM', rooms, room) end
+    local count = redis.call('HLEN', members)
+    if count == 0 then redis.call('ZREM', rooms, room) else redis.call('ZADD', rooms, count, room) end
     local name = cjson.decode(member)['username']
     local left = cjson.encode({type = 'user_left', username = name, client_id = client_id,
                                message = name .. ' left the room', timestamp = timestamp})
@@ -117,6 +164,11 @@ for _, entry in ipairs(entries) do
   end
 end
 redis.call('DEL', members_of_dead)
+local seats_of_dead = prefix .. 'process:' .. dead .. ':seats'
+for _, address in ipairs(redis.call('SMEMBERS', seats_of_dead)) do
+  redis.call('HDEL', prefix .. 'seats:' .. address, dead)
+end
+redis.call('DEL', seats_of_dead)
 redis.call('SREM', processes, dead)
 redis.call('PUBLISH', lobby, '')
 return #entries
@@ -135,6 +187,7 @@ class RedisBackplane(Backplane):
         self._idle = asyncio.Event()
         self._subscriptions: asyncio.Queue[tuple[str, str]] = asyncio.Queue()  # (command, room), in order
         self._local: dict[str, dict[str, str]] = {}  # room → {client_id: name} on this process
+        self._seats: Counter[str] = Counter()  # client address → sockets on this process
         self._ready: dict[str, asyncio.Future[None]] = {}  # room → subscribed to its channel
         self._epochs: dict[str, str] = {}  # room → the history epoch this process has seen
         self._last_ids: dict[str, int] = {}  # room → the newest message id delivered here
@@ -142,6 +195,7 @@ class RedisBackplane(Backplane):
         self._pubsub: Any = None
         self._connected = False
         self._reap_not_before = 0.0
+        self._restate_at = time.monotonic() + SEATS_RESTATED_EVERY
         self._tasks: list[asyncio.Task] = []
         self._deliver: Deliver = lambda event: None
         self._lobby_changed: Callable[[], None] = lambda: None
@@ -158,6 +212,13 @@ class RedisBackplane(Backplane):
     @property
     def _lobby_channel(self) -> str:
         return f"{self.prefix}lobby"
+
+    @property
+    def _rooms_key(self) -> str:
+        return f"{self.prefix}busy_rooms"  # room → members, on every process
+
+    def _seat_keys(self, address: str) -> list[str]:
+        return [f"{self.prefix}seats:{address}", self._process_key(self.process_id, "seats")]
 
     # --- Start and stop -----------------------------------------------------------------------
 
@@ -182,6 +243,8 @@ class RedisBackplane(Backplane):
         ]
 
     async def close(self) -> None:
+        if self.settings.max_connections_per_ip:
+            self._send(self._restate_seats(leaving=True))  # the others will not reap us
         await self._flush()
         for task in self._tasks:
             task.cancel()
@@ -253,13 +316,13 @@ class RedisBackplane(Backplane):
         channel = self._room_key(event.room, "events")
         self._send(lambda pipe: pipe.publish(channel, payload))
 
-    def publish_message(self, room: str, event: dict[str, Any]) -> asyncio.Future[Stored]:
+    def publish_message(self, room: str, event: dict[str, Any], sender: str) -> asyncio.Future[Stored]:
         if self.history is None:
             self.publish(RoomEvent(room, encode(event)))
             done = asyncio.get_running_loop().create_future()
             done.set_result(Stored(event, encode(event)))
             return done
-        return self.history.append(room, event)
+        return self.history.append(room, event, sender)
 
     # --- Presence -----------------------------------------------------------------------------
 
@@ -273,7 +336,7 @@ class RedisBackplane(Backplane):
         member = json.dumps({"username": username, "process": self.process_id})
         keys = [
             self._room_key(room, "members"),
-            f"{self.prefix}rooms",
+            self._rooms_key,
             self._process_key(self.process_id, "members"),
             self._lobby_channel,
         ]
@@ -287,7 +350,7 @@ class RedisBackplane(Backplane):
             self._unsubscribe(room)
         keys = [
             self._room_key(room, "members"),
-            f"{self.prefix}rooms",
+            self._rooms_key,
             self._process_key(self.process_id, "members"),
             self._lobby_channel,
         ]
@@ -315,23 +378,63 @@ class RedisBackplane(Backplane):
             return {}
         return {client_id: json.loads(member)["username"] for client_id, member in raw.items()}
 
-    async def rooms(self) -> dict[str, dict[str, str]]:
+    async def busiest_rooms(self, limit: int) -> RoomList | None:
         try:
-            names = sorted(await self._redis.smembers(f"{self.prefix}rooms"))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zrevrange(self._rooms_key, 0, limit - 1)
+                pipe.zcard(self._rooms_key)
+                names, total = await pipe.execute()
             async with self._redis.pipeline(transaction=False) as pipe:
                 for name in names:
                     pipe.hgetall(self._room_key(name, "members"))
                 everyone = await pipe.execute()
         except (RedisError, OSError) as error:
             logger.warning("room list unavailable: %s", error)
-            return {}
-        return {
-            name: {client_id: json.loads(member)["username"] for client_id, member in members.items()}
+            return RoomList([], 0)
+        rooms = [
+            (name, {client_id: json.loads(member)["username"] for client_id, member in members.items()})
             for name, members in zip(names, everyone, strict=True)
-        }
+        ]
+        return RoomList(rooms, total)
+
+    async def room_count(self) -> int:
+        try:
+            return await self._redis.zcard(self._rooms_key)
+        except (RedisError, OSError):
+            return len(self._local)  # Redis is away: what this process knows
+
+    async def has_room(self, room: str) -> bool:
+        try:
+            return await self._redis.zscore(self._rooms_key, room) is not None
+        except (RedisError, OSError):
+            return room in self._local
+
+    async def take_seat(self, address: str, cap: int) -> bool:
+        """Counted in Redis, so that a cap holds across processes; while Redis is away, each
+        process holds the cap on its own."""
+        if cap and self._seats[address] >= cap:
+            return False
+        if cap and self._connected:
+            try:
+                if not await self._redis.eval(
+                    TAKE_SEAT, 2, *self._seat_keys(address), self.process_id, cap, address
+                ):
+                    return False
+            except (RedisError, OSError) as error:
+                logger.warning("could not count a connection in Redis: %s", error)
+        self._seats[address] += 1
+        return True
+
+    def release_seat(self, address: str) -> None:
+        self._seats[address] -= 1
+        if self._seats[address] <= 0:
+            del self._seats[address]
+        if self.settings.max_connections_per_ip:
+            keys = self._seat_keys(address)
+            self._send(lambda pipe: pipe.eval(RELEASE_SEAT, 2, *keys, self.process_id, address))
 
     def state(self) -> dict[str, Any]:
-        return {"kind": "redis", "connected": self._connected, "process": self.process_id}
+        return {"kind": "redis", "connected": self._connected}
 
     # --- Subscriptions and the listener -------------------------------------------------------
 
@@ -456,6 +559,8 @@ class RedisBackplane(Backplane):
         for room, members in self._local.items():
             for client_id, username in members.items():
                 self._register(room, client_id, username)
+        if self.settings.max_connections_per_ip:
+            self._send(self._restate_seats())
         reset: set[str] = set()
         self._caught_up_to.clear()
         if self.history is not None:
@@ -483,6 +588,15 @@ class RedisBackplane(Backplane):
         self._state_changed(True, reset)
         self._lobby_changed()
 
+    def _restate_seats(self, *, leaving: bool = False) -> Callable[[Any], None]:
+        """A pipeline step that replaces this process's seat counts in Redis with its own (or,
+        `leaving`, with none)."""
+        counts = (
+            [] if leaving else [item for address, count in self._seats.items() for item in (address, count)]
+        )
+        key = self._process_key(self.process_id, "seats")
+        return lambda pipe: pipe.eval(RESTATE_SEATS, 1, key, self.process_id, self.prefix, *counts)
+
     # --- Heartbeats and reaping ---------------------------------------------------------------
 
     async def _heartbeat_once(self) -> None:
@@ -501,6 +615,10 @@ class RedisBackplane(Backplane):
                 await self._heartbeat_once()
                 if time.monotonic() >= self._reap_not_before:
                     await self._reap_dead_processes()
+                if self.settings.max_connections_per_ip and time.monotonic() >= self._restate_at:
+                    # Now and then, in case a count went astray (a take whose caller vanished).
+                    self._restate_at = time.monotonic() + SEATS_RESTATED_EVERY
+                    self._send(self._restate_seats())
             except (RedisError, OSError) as error:
                 logger.warning("heartbeat failed: %s", error)
 
@@ -514,7 +632,7 @@ class RedisBackplane(Backplane):
                 f"{self.prefix}processes",
                 self._process_key(process_id, "members"),
                 self._process_key(process_id, "alive"),
-                f"{self.prefix}rooms",
+                self._rooms_key,
                 self._lobby_channel,
             ]
             gone = await self._redis.eval(REAP, 5, *keys, process_id, now(), self.prefix)
@@ -528,6 +646,7 @@ class RedisHistory(History):
     def __init__(self, backplane: RedisBackplane) -> None:
         self.backplane = backplane
         self.retention = backplane.settings.history_retention
+        self.ttl_ms = int(backplane.settings.history_days * 86_400_000)  # 0: keep for good
 
     async def start(self) -> None:
         pass  # the backplane owns the connections
@@ -535,7 +654,7 @@ class RedisHistory(History):
     async def close(self) -> None:
         pass
 
-    def append(self, room: str, event: dict[str, Any]) -> asyncio.Future[Stored]:
+    def append(self, room: str, event: dict[str, Any], sender: str) -> asyncio.Future[Stored]:
         backplane = self.backplane
         keys = [
             backplane._room_key(room, "stream"),
@@ -544,7 +663,10 @@ class RedisHistory(History):
             backplane._room_key(room, "client_msg_ids"),
             backplane._room_key(room, "events"),
         ]
-        args = [encode(event), event.get("client_msg_id") or "", self.retention, secrets.token_hex(8)]
+        # A client_msg_id is its sender's own: Mallory's "msg-2" cannot shadow Alice's.
+        client_msg_id = event.get("client_msg_id")
+        dedupe_key = f"{sender_digest(sender)}:{client_msg_id}" if client_msg_id else ""
+        args = [encode(event), dedupe_key, self.retention, secrets.token_hex(8), self.ttl_ms]
         reply = backplane._send(lambda pipe: pipe.eval(APPEND, len(keys), *keys, *args), want_result=True)
         assert reply is not None
         stored: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
@@ -562,7 +684,7 @@ class RedisHistory(History):
     async def room_state(self, room: str) -> RoomState:
         backplane = self.backplane
         keys = [backplane._room_key(room, "last_id"), backplane._room_key(room, "epoch")]
-        epoch, last_id = await backplane._redis.eval(ROOM_STATE, 2, *keys, secrets.token_hex(8))
+        epoch, last_id = await backplane._redis.eval(ROOM_STATE, 2, *keys, secrets.token_hex(8), self.ttl_ms)
         # Where this process would start catching up, should Redis go away for a while.
         backplane._epochs.setdefault(room, epoch)
         backplane._last_ids.setdefault(room, int(last_id))

@@ -6,8 +6,10 @@ A flag beats its environment variable, which beats the default.
 from __future__ import annotations
 
 import argparse
+import math
 import os
-from collections.abc import Mapping, MutableMapping, Sequence
+import re
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,14 @@ class Settings:
     outbox_limit: int = setting(
         256, "CHAT_OUTBOX_LIMIT", "events queued for one slow client before it is closed with 1013"
     )
+    outbox_bytes: int = setting(
+        1024 * 1024, "CHAT_OUTBOX_BYTES", "bytes queued for one slow client before it is closed with 1013"
+    )
+    handshake_timeout: float = setting(
+        5.0,
+        "CHAT_HANDSHAKE_TIMEOUT",
+        "seconds a connection may take to send its whole request or WebSocket handshake (0: no limit)",
+    )
     lobby_interval: float = setting(
         0.25,
         "CHAT_LOBBY_INTERVAL",
@@ -61,6 +71,17 @@ class Settings:
     history_resume_max: int = setting(
         500, "CHAT_HISTORY_RESUME_MAX", "most messages sent to a client resuming with ?since="
     )
+    history_days: float = setting(
+        30.0,
+        "CHAT_HISTORY_DAYS",
+        "forget the history of a room nobody has written in for this many days (0: keep)",
+    )
+    max_rooms: int = setting(10_000, "CHAT_MAX_ROOMS", "rooms with people in them at once (0: no cap)")
+    room_creation_rate: float = setting(
+        30.0,
+        "CHAT_ROOM_CREATION_RATE",
+        "new rooms one address (or token identity) may open per minute (0: no limit)",
+    )
     redis_url: str = setting(
         "", "REDIS_URL", "share rooms, presence and history with other processes through Redis (redis://...)"
     )
@@ -82,6 +103,16 @@ class Settings:
         5.0, "CHAT_RATE_MESSAGES", "messages per second per connection (0: no limit)"
     )
     rate_messages_burst: int = setting(10, "CHAT_RATE_MESSAGES_BURST", "messages allowed in a burst")
+    rate_messages_per_address: float = setting(
+        50.0,
+        "CHAT_RATE_MESSAGES_PER_ADDRESS",
+        "messages per second from one client address, all its sockets together (0: no limit)",
+    )
+    rate_frames: float = setting(
+        20.0,
+        "CHAT_RATE_FRAMES",
+        "frames of any kind per second per connection, bursts of twice that (0: no limit)",
+    )
     rate_typing: float = setting(
         1.0, "CHAT_RATE_TYPING", "typing notices per second (more are dropped; 0: no limit)"
     )
@@ -158,7 +189,7 @@ class Settings:
             else:
                 parser.add_argument(
                     flag,
-                    type=type(f.default),
+                    type=_parser_for(f.default),
                     default=argparse.SUPPRESS,
                     metavar=f.name.upper(),
                     help=help_text,
@@ -175,6 +206,7 @@ class Settings:
             "max_room_chars",
             "max_frame_bytes",
             "outbox_limit",
+            "outbox_bytes",
             "history_retention",
             "workers",
         ):
@@ -186,6 +218,9 @@ class Settings:
             "ping_timeout",
             "history_on_join",
             "history_resume_max",
+            "handshake_timeout",
+            "history_days",
+            "max_rooms",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
@@ -193,6 +228,9 @@ class Settings:
             "rate_messages",
             "rate_typing",
             "rate_renames",
+            "rate_messages_per_address",
+            "rate_frames",
+            "room_creation_rate",
             "flood_warnings",
             "max_connections_per_ip",
         ):
@@ -209,6 +247,37 @@ class Settings:
             )
 
 
+INTEGER = re.compile(r"-?[0-9]+")
+DECIMAL = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+
+
+def strict_int(raw: str) -> int:
+    """ASCII digits only: int() would also take '١٢', ' 7 ' and '1_000'."""
+    if not INTEGER.fullmatch(raw):
+        raise ValueError(f"expected a whole number, got {raw!r}")
+    return int(raw)
+
+
+def strict_float(raw: str) -> float:
+    """A finite decimal number: float() would also take 'nan', 'inf', '1e309' and ' 5_0 '."""
+    if not DECIMAL.fullmatch(raw) or not math.isfinite(number := float(raw)):
+        raise ValueError(f"expected a number such as 5 or 0.5, got {raw!r}")
+    return number
+
+
+# argparse names the type in its error: "invalid number value: 'nan'".
+strict_int.__name__ = "whole number"
+strict_float.__name__ = "number"
+
+
+def _parser_for(default: Any) -> Callable[[str], Any]:
+    if isinstance(default, int):
+        return strict_int
+    if isinstance(default, float):
+        return strict_float
+    return str
+
+
 def _convert(raw: str, default: Any) -> Any:
     if isinstance(default, bool):
         lowered = raw.strip().lower()
@@ -217,4 +286,4 @@ def _convert(raw: str, default: Any) -> Any:
         if lowered in {"0", "false", "no", "off"}:
             return False
         raise ValueError("expected true or false")
-    return type(default)(raw)
+    return _parser_for(default)(raw)

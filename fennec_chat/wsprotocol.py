@@ -9,9 +9,17 @@ from typing import Any
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
 from websockets.http11 import Request
+from websockets.protocol import State
+
+from .limits import TokenBucket
+from .protocol import CloseCode
 
 # The ASGI scope extension through which this protocol offers `write_now` to the app.
 WRITE_NOW = "fennec_chat.write_now"
+
+PONG_BACKLOG = 64 * 1024  # bytes of pongs waiting for a peer that does not read, before we give up
+PINGS_PER_SECOND, PING_BURST = 2.0, 20  # a browser sends none; a library one every few seconds
+ABORT_AFTER = 10.0  # seconds a closing socket may take to flush before it is dropped
 
 
 class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -33,6 +41,16 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = Inbox()  # type: ignore[assignment]
+        self.pings: TokenBucket | None = None  # made on the first ping: most peers send none
+        self.deaf = False  # True once we stopped listening to this peer (see give_up)
+        self.pong_backlog = 0  # bytes of pongs written while the peer was not reading
+        self.abort_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.deaf:  # uvicorn resumes reading whenever the app reads: pause it again
+            self.transport.pause_reading()
+            return
+        super().data_received(data)
 
     def connection_made(self, transport: BaseTransport) -> None:
         super().connection_made(transport)
@@ -49,6 +67,9 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self.abort_timer is not None:  # it would keep this protocol alive for nothing
+            self.abort_timer.cancel()
+            self.abort_timer = None
         # This protocol and the scope refer to each other through write_now: part them, so
         # that a closed connection is freed at once rather than by the garbage collector.
         if hasattr(self, "scope"):
@@ -67,6 +88,67 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             return False
         self.transport.write(b"".join(self.conn.data_to_send()))
         return True
+
+    def handle_ping(self) -> None:
+        pong = b"".join(self.conn.data_to_send())  # websockets queued the pong on receipt
+        if self.close_sent:
+            return  # we are closing: no more pongs
+        if self.pings is None:
+            self.pings = TokenBucket(PINGS_PER_SECOND, PING_BURST)
+        if self.pings.take() > 0:
+            self.give_up(CloseCode.POLICY_VIOLATION, "flooding: too many pings", reading=False)
+            return
+        if not self.writable.is_set():
+            # uvicorn writes pongs whether or not the peer reads: the pings of a peer that
+            # never reads would grow our write buffer without end. (A big event waiting for a
+            # peer that is reading it is fine: only pongs count here.)
+            self.pong_backlog += len(pong)
+            if self.pong_backlog > PONG_BACKLOG:
+                reason = "too slow: you are not reading what is sent"
+                self.give_up(CloseCode.TRY_AGAIN_LATER, reason, reading=False)
+                return
+        self.transport.write(pong)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.pong_backlog = 0
+
+    def keepalive_timeout(self) -> None:
+        # uvicorn closes with 1011 ("unexpected server error") here, and then waits for the
+        # buffer to flush to a peer that is probably gone.
+        self.pong_timer = None
+        self.pending_ping_payload = None
+        if not (self.close_sent or self.transport.is_closing()):
+            reason = f"keepalive timeout: no answer to a ping in {self.ping_timeout:g} s"
+            self.give_up(CloseCode.KEEPALIVE_TIMEOUT, reason)
+
+    def give_up(self, code: int, reason: str, reading: bool = True) -> None:
+        """End a connection whose peer is not keeping up: the app hears of it at once, the peer
+        gets a close frame, and the socket is dropped after a while unless the peer answers
+        it. Closing at once would reset the connection (it has unread data) before the close
+        frame got there. A peer that floods us or does not read (`reading=False`) is not read
+        any more: it has a second to take the close frame, then the socket is dropped."""
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        if self.conn.state is State.OPEN:  # not if the peer's own close frame came first
+            self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if not reading:
+            self.deaf = True
+            self.transport.pause_reading()
+            self.close_timer = self.loop.call_later(1.0, self.transport.abort)
+            return
+        if self.read_paused:  # the peer's answer must get through
+            self.read_paused = False
+            self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(ABORT_AFTER, self.transport.abort)
+
+    def on_task_complete(self, task: asyncio.Task[None]) -> None:
+        super().on_task_complete(task)
+        # The app is done with the socket. uvicorn's transport.close() waits for the write
+        # buffer to drain, forever if the peer stopped reading: drop it after a while.
+        if not self.disconnected:
+            self.abort_timer = self.loop.call_later(ABORT_AFTER, self.transport.abort)
 
     def start_keepalive(self) -> None:
         # uvicorn calls this once, right after sending the 101 response: nothing reads the

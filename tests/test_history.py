@@ -304,7 +304,8 @@ async def test_every_message_anyone_saw_survives_kill_9(request, room):
 async def test_a_resent_client_msg_id_reaches_the_others_once_and_acknowledges_the_sender(server, room):
     bystander = await server.connect(f"/ws/chat/{room}")
     await bystander.joined()
-    sender = await server.connect(f"/ws/chat/{room}")
+    session = "tab-0123456789abcdef"  # the page's id for its tab, the same after a reconnect
+    sender = await server.connect(f"/ws/chat/{room}?session={session}")
     sender_id, _ = await sender.joined()
     await sender.send(type="message", message="exactly once", client_msg_id="msg-1")
     original = (await read_messages(sender, 1))[0]
@@ -314,7 +315,7 @@ async def test_a_resent_client_msg_id_reaches_the_others_once_and_acknowledges_t
     # The sender's connection drops before it sees the echo; it reconnects and sends again.
     await sender.abort()
     again = await server.connect(
-        f"/ws/chat/{room}?since={original['id'] - 1}&epoch={sender.history['epoch']}"
+        f"/ws/chat/{room}?session={session}&since={original['id'] - 1}&epoch={sender.history['epoch']}"
     )
     await again.joined()
     assert [m["client_msg_id"] for m in again.history["messages"]] == ["msg-1"]
@@ -334,7 +335,7 @@ async def test_a_resent_client_msg_id_reaches_the_others_once_and_acknowledges_t
 
 async def test_resend_protection_survives_a_restart(request, room):
     first = ServerProcess([], {}, log_path(f"{request.node.name}-1")).start()
-    sender = await first.connect(f"/ws/chat/{room}")
+    sender = await first.connect(f"/ws/chat/{room}?session=tab-0123456789abcdef")
     await sender.joined()
     await sender.send(type="message", message="before", client_msg_id="abc")
     original = (await read_messages(sender, 1))[0]
@@ -342,7 +343,7 @@ async def test_resend_protection_survives_a_restart(request, room):
     first.stop()
     second = ServerProcess(["--db", str(first.db_path)], {}, log_path(f"{request.node.name}-2")).start()
     try:
-        again = await second.connect(f"/ws/chat/{room}")
+        again = await second.connect(f"/ws/chat/{room}?session=tab-0123456789abcdef")
         await again.joined()
         await again.send(type="message", message="before", client_msg_id="abc")
         assert await again.expect("message") == original

@@ -28,7 +28,7 @@ async def test_ids_follow_the_order_of_appends_and_waiters_resume_in_that_order(
     resumed: list[int] = []
 
     async def append(number: int) -> None:
-        stored = await history.append("room", message(str(number)))
+        stored = await history.append("room", message(str(number)), "alice")
         resumed.append(stored.event["id"])
 
     await asyncio.gather(*(append(number) for number in range(500)))
@@ -36,17 +36,17 @@ async def test_ids_follow_the_order_of_appends_and_waiters_resume_in_that_order(
 
 
 async def test_the_stored_text_is_the_event_with_its_id(history):
-    stored = await history.append("room", message("hello"))
+    stored = await history.append("room", message("hello"), "alice")
     assert stored.event == {"type": "message", "message": "hello", "id": 1}
     assert stored.text == '{"type":"message","message":"hello","id":1}'
     assert stored.duplicate is False
 
 
 async def test_a_repeated_client_msg_id_returns_the_original(history):
-    first = await history.append("room", message("once", "c-1"))
+    first = await history.append("room", message("once", "c-1"), "alice")
     again, other_room = await asyncio.gather(
-        history.append("room", message("once, resent", "c-1")),
-        history.append("elsewhere", message("same id, other room", "c-1")),
+        history.append("room", message("once, resent", "c-1"), "alice"),
+        history.append("elsewhere", message("same id, other room", "c-1"), "alice"),
     )
     assert again.duplicate is True
     assert again.event == first.event
@@ -58,19 +58,19 @@ async def test_retention_prunes_the_oldest_messages(tmp_path):
     store = SQLiteHistory(str(tmp_path / "small.db"), retention=3)
     await store.start()
     for number in range(1, 8):
-        await store.append("room", message(str(number), f"c{number}"))
+        await store.append("room", message(str(number), f"c{number}"), "alice")
     page = await store.recent("room", 10)
     assert [m["id"] for m in page.messages] == [5, 6, 7]
     assert page.truncated is True
     # The resend window is the retained history: a pruned client_msg_id is new again.
-    assert (await store.append("room", message("again", "c1"))).duplicate is False
-    assert (await store.append("room", message("again", "c7"))).duplicate is True
+    assert (await store.append("room", message("again", "c1"), "alice")).duplicate is False
+    assert (await store.append("room", message("again", "c7"), "alice")).duplicate is True
     await store.close()
 
 
 async def test_pages_say_when_they_are_truncated_or_reset(history):
     for number in range(1, 11):
-        await history.append("room", message(str(number)))
+        await history.append("room", message(str(number)), "alice")
     epoch = (await history.room_state("room")).epoch
 
     recent = await history.recent("room", 4)
@@ -108,14 +108,14 @@ async def test_ids_and_epochs_survive_reopening(tmp_path):
     path = str(tmp_path / "durable.db")
     store = SQLiteHistory(path, retention=100)
     await store.start()
-    await store.append("room", message("a"))
+    await store.append("room", message("a"), "alice")
     epoch = (await store.room_state("room")).epoch
     await store.close()
 
     reopened = SQLiteHistory(path, retention=100)
     await reopened.start()
     assert (await reopened.room_state("room")).epoch == epoch
-    assert (await reopened.append("room", message("b"))).event["id"] == 2
+    assert (await reopened.append("room", message("b"), "alice")).event["id"] == 2
     await reopened.close()
 
 

@@ -10,7 +10,8 @@ from tests.chat_client import ChatClient
 
 async def next_rooms(lobby: ChatClient, timeout: float = 5) -> dict:
     event = await lobby.expect("rooms_update", timeout=timeout)
-    assert set(event) == {"type", "rooms", "timestamp"}
+    assert set(event) == {"type", "rooms", "total_rooms", "timestamp"}
+    assert event["total_rooms"] >= len(event["rooms"])
     return event["rooms"]
 
 
@@ -115,3 +116,31 @@ async def test_lobby_watchers_are_not_room_users(server, room):
     await lobby.close()
     await alice.expect_silence(0.5)  # a lobby watcher leaving is not a user_left
     await alice.close()
+
+
+async def test_the_lobby_lists_the_busiest_rooms_and_counts_them_all(server, room):
+    busy = [await server.connect(f"/ws/chat/{room}-busy?username=u{number}") for number in range(3)]
+    quiet = [await server.connect(f"/ws/chat/{room}-{number:03d}") for number in range(105)]
+    for client in [*busy, *quiet]:
+        await client.joined()
+    lobby = await server.connect("/ws/lobby")
+    event = await lobby.expect("rooms_update")
+    assert len(event["rooms"]) == 100
+    assert event["total_rooms"] >= 106
+    assert next(iter(event["rooms"])) == f"{room}-busy"  # busiest first
+    assert event["rooms"][f"{room}-busy"] == {"users": 3, "usernames": ["u0", "u1", "u2"]}
+    for client in [*busy, *quiet, lobby]:
+        await client.close()
+
+
+async def test_every_watcher_gets_the_same_list_within_an_interval(start_server, room):
+    server = start_server("--lobby-interval", "5")
+    watchers = [await server.connect("/ws/lobby") for _ in range(3)]
+    first = [await watcher.expect("rooms_update") for watcher in watchers]
+    for watcher in watchers:
+        await watcher.send_raw("refresh")
+    again = [await watcher.expect("rooms_update") for watcher in watchers]
+    # One list, built once and encoded once: the very same event, timestamp and all.
+    assert len({event["timestamp"] for event in first + again}) == 1
+    for watcher in watchers:
+        await watcher.close()

@@ -626,13 +626,92 @@ def other_site() -> Iterator[str]:
     files.wait()
 
 
+OPEN_SOCKET = """url => new Promise((done) => {
+    const ws = new WebSocket(url);
+    ws.onclose = (closed) => done([closed.code, closed.reason]);
+})"""
+
+
+TRY_SOCKET = """url => new Promise((done) => {
+    try {
+        const ws = new WebSocket(url);
+        ws.onopen = () => done(["open"]);
+        ws.onerror = () => done(["failed"]);
+    } catch (error) {
+        done(["blocked", error.name]);
+    }
+    setTimeout(() => done(["no answer"]), 3000);
+})"""
+
+
 async def test_a_page_from_another_site_is_refused_and_says_why(browser, server, room, other_site):
     context = await browser.new_context()
     page = await context.new_page()
-    await page.goto(f"{other_site}/client.html?server={server.ws_url}&room={room}")
-    await expect(page.locator("#status")).to_have_attribute("data-state", "refused")
-    await expect(page.locator("#status-text")).to_contain_text(f"origin {other_site} is not allowed")
+    await page.goto(f"{other_site}/README.md")  # any page of the other site: its script, our server
+    closed = await page.evaluate(OPEN_SOCKET, f"{server.ws_url}/ws/chat/{room}")
+    assert closed == [1008, f"origin {other_site} is not allowed (see --allowed-origins)"]
     await context.close()
+
+
+async def test_the_page_opened_from_disk_says_how_to_allow_it_on_a_server_open_to_the_network(
+    browser, start_server, room
+):
+    network_server = start_server("--host", "0.0.0.0")
+    file_url = (ROOT / "client.html").as_uri() + f"?server={network_server.ws_url}&room={room}"
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(file_url)
+    await expect(page.locator("#status")).to_have_attribute("data-state", "refused")
+    await expect(page.locator("#status-text")).to_contain_text("--allowed-origins null")
+    await context.close()
+    allowing = start_server("--host", "0.0.0.0", "--allowed-origins", "null")
+    alice = await ChatPage.open(
+        browser, (ROOT / "client.html").as_uri() + f"?server={allowing.ws_url}&room={room}"
+    )
+    await alice.close()
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[int, socket.socket]]:
+    """A port where nothing but this test listens, to see whether anything knocks."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    sock.settimeout(0.1)
+    yield sock.getsockname()[1], sock
+    sock.close()
+
+
+async def test_the_served_page_ignores_a_server_parameter_and_keeps_its_token(
+    browser, token_server, room, listener
+):
+    from fennec_chat.gate import Tokens
+
+    port, sock = listener
+    token = Tokens("page-test-secret").mint("Alice", ttl=600)
+    url = f"{token_server.http_url}/?room={room}&server=ws://127.0.0.1:{port}&token={token}"
+    alice = await ChatPage.open(browser, url)  # connected: to its own server
+    await expect(alice.page.locator("#user-list")).to_contain_text("Alice")
+    # Even a script that tried could not reach the other server: the page's CSP forbids it.
+    tried = await alice.page.evaluate(TRY_SOCKET, f"ws://127.0.0.1:{port}/ws/chat/{room}?token={token}")
+    assert tried in (["blocked", "SecurityError"], ["failed"]), tried
+    with pytest.raises(TimeoutError):
+        sock.accept()  # nobody knocked
+    alice.problems.errors.clear()  # the CSP violation we provoked
+    await alice.close()
+
+
+async def test_a_message_with_a_direction_override_cannot_flip_the_page_around_it(browser, server, room):
+    alice = await ChatPage.open(browser, page_url(server, room))
+    mallory = await server.connect(f"/ws/chat/{room}?username=Mallory")
+    await mallory.joined()
+    await mallory.send(type="message", message="\u202eevil reversed")
+    text = alice.message_with("evil reversed").locator(".text")
+    await expect(text).to_have_attribute("dir", "auto")  # isolated: its own direction only
+    author = alice.message_with("evil reversed").locator(".author")
+    assert await author.evaluate("node => node.tagName") == "BDI"
+    await mallory.close()
+    await alice.close()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import redis
 
 from tests.chat_client import ChatClient
 from tests.server_process import ROOT, ServerProcess
@@ -178,13 +179,15 @@ async def test_a_resend_to_the_other_process_is_still_exactly_once(two_servers, 
     one, two = two_servers
     bystander = await one.connect(f"/ws/chat/{room}")
     await bystander.joined()
-    sender = await one.connect(f"/ws/chat/{room}")
+    session = "tab-0123456789abcdef"
+    sender = await one.connect(f"/ws/chat/{room}?session={session}")
     await sender.joined()
     await sender.send(type="message", message="once", client_msg_id="m-1")
     original = await sender.wait_for("message")
     assert await bystander.wait_for("message") == original
     await sender.abort()
-    again = await two.connect(f"/ws/chat/{room}?since={original['id']}&epoch={sender.history['epoch']}")
+    epoch = sender.history["epoch"]
+    again = await two.connect(f"/ws/chat/{room}?session={session}&since={original['id']}&epoch={epoch}")
     await again.joined()
     await again.send(type="message", message="once", client_msg_id="m-1")
     assert await again.expect("message") == original
@@ -312,3 +315,39 @@ async def test_an_admin_can_kick_someone_on_the_other_process(start_server, redi
     await admin.wait_for("user_left", client_id=target_id)
     assert await target.close_code() == (4001, "kicked")
     await admin.close()
+
+
+async def test_a_rooms_history_keys_expire_after_history_days(start_server, redis_server, room):
+    server = start_server("--redis-url", redis_server.url, "--history-days", "1")
+    client = await server.connect(f"/ws/chat/{room}")
+    await client.joined()
+    await client.send(type="message", message="kept a day")
+    await client.expect("message")
+    visitor = await server.connect(f"/ws/chat/{room}-visited")
+    await visitor.joined()
+    store = redis.Redis.from_url(redis_server.url)
+    day = 86_400_000
+    for what in ("stream", "last_id", "epoch"):
+        assert day - 60_000 < store.pttl(f"fennec-chat:room:{room}:{what}") <= day
+    assert day - 60_000 < store.pttl(f"fennec-chat:room:{room}-visited:epoch") <= day  # a visit expires too
+    for connected in (client, visitor):
+        await connected.close()
+
+
+async def test_the_lobby_of_two_processes_lists_the_busiest_rooms_of_both(two_servers, room):
+    one, two = two_servers
+    here = [await one.connect(f"/ws/chat/{room}-both") for _ in range(2)]
+    there = [await two.connect(f"/ws/chat/{room}-both"), await two.connect(f"/ws/chat/{room}-two")]
+    for client in [*here, *there]:
+        await client.joined()
+    lobby = await one.connect("/ws/lobby")
+    deadline = time.monotonic() + 5
+    while True:
+        event = await lobby.wait_for("rooms_update")
+        if event["rooms"].get(f"{room}-both", {}).get("users") == 3 and f"{room}-two" in event["rooms"]:
+            break
+        assert time.monotonic() < deadline, event
+        await lobby.send_raw("again")
+    assert event["total_rooms"] >= 2
+    for client in [*here, *there, lobby]:
+        await client.close()

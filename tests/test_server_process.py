@@ -174,7 +174,7 @@ def test_help_lists_every_setting_with_its_environment_variable():
     [
         (["--port", "70000"], {}, "port 70000"),
         (["--outbox-limit", "0"], {}, "outbox_limit must be at least 1"),
-        (["--max-message-chars", "many"], {}, "invalid int value"),
+        (["--max-message-chars", "many"], {}, "invalid whole number value"),
         ([], {"CHAT_OUTBOX_LIMIT": "lots"}, "CHAT_OUTBOX_LIMIT"),
         ([], {"CHAT_WS_COMPRESSION": "maybe"}, "expected true or false"),
     ],
