@@ -447,6 +447,17 @@ async def redis_scale(args: argparse.Namespace) -> Report:
     return report
 
 
+async def attacks(args: argparse.Namespace) -> Report:
+    """One abusive client against every default limit (bench/attacks.py): what each attack costs."""
+    from bench.attacks import attack_all
+
+    report = Report("attacks: one client from 127.0.0.2, every limit at its default")
+    report.rows = [
+        {"server": "fennec-chat", "attack": name, **figures} for name, figures in (await attack_all()).items()
+    ]
+    return report
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace], Awaitable[Report]]] = {
     "fanout": fanout,
     "browser": browser_like,
@@ -456,6 +467,7 @@ WORKLOADS: dict[str, Callable[[argparse.Namespace], Awaitable[Report]]] = {
     "churn": churn,
     "history": history_throughput,
     "redis": redis_scale,
+    "attacks": attacks,
 }
 
 
