@@ -25,7 +25,7 @@ from fennec import Request, Response, Router, WebSocket, WebSocketRouter
 
 from fennec_chat import protocol
 from fennec_chat.application import ChatApplication
-from fennec_chat.gate import Admission, Gate, Refusal, Tokens
+from fennec_chat.gate import Gate, Identity, Refusal, Tokens
 from fennec_chat.http_guard import GuardedHttpProtocol
 from fennec_chat.limits import Verdict
 from fennec_chat.logs import log_config
@@ -70,21 +70,58 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
             author = f"session:{join.session}"
         client_id = await manager.connect(websocket, author=author)
         try:
-            await chat(websocket, room, client_id, admission, join)
+            if not await greet(client_id, room, identity, join):
+                return  # dropped meanwhile: more room events piled up than its outbox may hold
+            limits = gate.limits(admission)
+            async for frame in incoming(websocket, client_id):
+                if refused := limits.check_frame(frame):  # every frame, before it costs any parsing
+                    verdict = refused
+                else:
+                    command = words.apply(protocol.parse_command(frame, settings))  # masks blocked words
+                    if isinstance(command, protocol.Rejection) and command.code in protocol.UNREADABLE:
+                        limits.charge_unreadable(frame)
+                    verdict = limits.check(command)
+                username = manager.username(client_id)
+                match verdict.command:
+                    case protocol.SendMessage(text=text, client_msg_id=client_msg_id):
+                        # Stored and numbered, then sent to everyone in the room, the sender
+                        # included: its copy is the confirmation.
+                        event = protocol.chat_message(username, text, client_id, client_msg_id)
+                        await manager.publish(room, event, sender=client_id)
+                    case protocol.SetUsername() if identity.username:
+                        locked = protocol.error(ErrorCode.USERNAME_LOCKED, "your name comes from your token")
+                        await manager.send_json(client_id, locked)
+                    case protocol.SetUsername(username=new_name) if new_name != username:
+                        manager.rename(client_id, new_name)
+                        event = protocol.username_changed(username, new_name, client_id)
+                        await manager.broadcast_json(event, room=room)
+                    case protocol.Typing():
+                        event = protocol.typing(username, client_id)
+                        await manager.broadcast_json(event, room=room, exclude=client_id)
+                    case protocol.Kick(client_id=target) if identity.admin:
+                        if problem := await manager.kick(room, target, by=username):
+                            await manager.send_json(client_id, problem.event())
+                    case protocol.Kick():
+                        forbidden = protocol.error(ErrorCode.FORBIDDEN, "only an admin may kick")
+                        await manager.send_json(client_id, forbidden)
+                    case protocol.Rejection() as rejection:
+                        # Bad input is answered, never fatal: the socket stays open and usable.
+                        await manager.send_json(client_id, rejection.event())
+                    case _:
+                        pass  # an unchanged name, or typing notices beyond their limit: nothing to do
+                if verdict.flooding:  # warned again and again: this is no longer a person typing
+                    await manager.close(client_id, CloseCode.POLICY_VIOLATION, "flooding: too many frames")
         finally:
             # Tells the room `user_left` exactly once, whether the client closed, vanished, was
             # dropped for falling behind or was kicked.
             await manager.disconnect(client_id)
 
 
-async def chat(
-    websocket: WebSocket, room: str, client_id: str, admission: Admission, join: JoinRequest
-) -> None:
-    identity = admission.identity
+async def greet(client_id: str, room: str, identity: Identity, join: JoinRequest) -> bool:
+    """Join the room and tell the newcomer where it is; False if it is gone meanwhile."""
     if name := identity.username or join.username:  # a token's name wins
         manager.rename(client_id, words.mask(name))
     manager.join_room(client_id, room)
-
     await manager.send_json(client_id, protocol.welcome(room, client_id, settings))
     await manager.send_json(client_id, protocol.presence(room, await manager.members(room)))
     # Earlier messages (or just the missed ones), then live ones: no gap, nothing twice.
@@ -92,49 +129,10 @@ async def chat(
     for problem in join.problems:
         await manager.send_json(client_id, problem.event())
     if not manager.is_connected(client_id):
-        return  # dropped meanwhile: more room events piled up than its outbox may hold
+        return False
     joined = protocol.user_joined(manager.username(client_id), client_id)
     await manager.broadcast_json(joined, room=room, exclude=client_id)
-
-    limits = gate.limits(admission)
-    async for frame in incoming(websocket, client_id):
-        if refused := limits.check_frame(frame):  # every frame, before it costs any parsing
-            verdict = refused
-        else:
-            command = words.apply(protocol.parse_command(frame, settings))  # masks blocked words
-            if isinstance(command, protocol.Rejection) and command.code in protocol.UNREADABLE:
-                limits.charge_unreadable(frame)
-            verdict = limits.check(command)
-        username = manager.username(client_id)
-        match verdict.command:
-            case protocol.SendMessage(text=text, client_msg_id=client_msg_id):
-                # Stored and numbered, then sent to everyone in the room, the sender
-                # included: its copy is the confirmation.
-                event = protocol.chat_message(username, text, client_id, client_msg_id)
-                await manager.publish(room, event, sender=client_id)
-            case protocol.SetUsername() if identity.username:
-                locked = protocol.error(ErrorCode.USERNAME_LOCKED, "your name comes from your token")
-                await manager.send_json(client_id, locked)
-            case protocol.SetUsername(username=new_name) if new_name != username:
-                manager.rename(client_id, new_name)
-                event = protocol.username_changed(username, new_name, client_id)
-                await manager.broadcast_json(event, room=room)
-            case protocol.Typing():
-                event = protocol.typing(username, client_id)
-                await manager.broadcast_json(event, room=room, exclude=client_id)
-            case protocol.Kick(client_id=target) if identity.admin:
-                if problem := await manager.kick(room, target, by=username):
-                    await manager.send_json(client_id, problem.event())
-            case protocol.Kick():
-                forbidden = protocol.error(ErrorCode.FORBIDDEN, "only an admin may kick")
-                await manager.send_json(client_id, forbidden)
-            case protocol.Rejection() as rejection:
-                # Bad input is answered, never fatal: the socket stays open and usable.
-                await manager.send_json(client_id, rejection.event())
-            case _:
-                pass  # an unchanged name, or typing notices beyond their limit: nothing to do
-        if verdict.flooding:  # warned again and again: this is no longer a person typing
-            await manager.close(client_id, CloseCode.POLICY_VIOLATION, "flooding: too many frames")
+    return True
 
 
 @ws_router.websocket("/ws/lobby")

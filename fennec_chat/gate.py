@@ -8,10 +8,8 @@ and its reason; a refusal before the handshake reaches it only as 1006, with no 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import math
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -122,17 +120,10 @@ class Gate:
     def tokens(self) -> Tokens | None:
         return Tokens(self.settings.jwt_secret) if self.settings.jwt_secret else None
 
-    @contextlib.asynccontextmanager
-    async def admitted(
-        self, websocket: WebSocket, room: str | None = None
-    ) -> AsyncIterator[Admission | Refusal]:
-        """`room`: the chat room asked for (None for the lobby)."""
-        admission = await self.admit(websocket.scope, room)
-        try:
-            yield admission
-        finally:
-            if isinstance(admission, Admission):
-                self.manager.backplane.release_seat(admission.address)
+    def admitted(self, websocket: WebSocket, room: str | None = None) -> Admitted:
+        """`async with gate.admitted(websocket, room) as admission:` the admission or refusal
+        for a socket (`room` is None for the lobby); leaving the block gives the seat back."""
+        return Admitted(self, websocket.scope, room)
 
     def limits(self, admission: Admission) -> RateLimits:
         return RateLimits(self.settings, self.ledger, admission.sender)
@@ -166,9 +157,11 @@ class Gate:
 
     async def _new_room_refusal(self, room: str, sender: Sender) -> Refusal | None:
         """Opening a room nobody is in costs the sender one of its new rooms, and needs space."""
-        if room in self.manager.rooms or await self.manager.backplane.has_room(room):
-            return None
         settings = self.settings
+        if not (settings.max_rooms or settings.room_creation_rate) or room in self.manager.rooms:
+            return None
+        if await self.manager.backplane.has_room(room):  # open on another process
+            return None
         if settings.max_rooms and await self.manager.backplane.room_count() >= settings.max_rooms:
             reason = f"the server has too many rooms open ({settings.max_rooms}): join an existing one"
             return Refusal(CloseCode.TRY_AGAIN_LATER, reason)
@@ -178,6 +171,25 @@ class Gate:
                 reason = f"too many new rooms: try again in {math.ceil(wait)} s or join an existing room"
                 return Refusal(CloseCode.TRY_AGAIN_LATER, reason)
         return None
+
+
+class Admitted:
+    """The `async with` of `Gate.admitted`: a class rather than a generator, because it lives as
+    long as the connection and a generator's frame would cost every idle connection more."""
+
+    __slots__ = ("admission", "gate", "room", "scope")
+
+    def __init__(self, gate: Gate, scope: dict[str, Any], room: str | None) -> None:
+        self.gate, self.scope, self.room = gate, scope, room
+        self.admission: Admission | Refusal | None = None
+
+    async def __aenter__(self) -> Admission | Refusal:
+        self.admission = await self.gate.admit(self.scope, self.room)
+        return self.admission
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if isinstance(self.admission, Admission):
+            self.gate.manager.backplane.release_seat(self.admission.address)
 
 
 def origin_problem(scope: dict[str, Any], settings: Settings) -> str | None:

@@ -66,7 +66,8 @@ class History(ABC):
     @abstractmethod
     def append(self, room: str, event: dict[str, Any], sender: str) -> asyncio.Future[Stored]:
         """Number and store `event` (or find the earlier one `sender` sent with its client_msg_id:
-        a client_msg_id is the sender's own, so nobody else's can shadow it).
+        a client_msg_id is the sender's own, so nobody else's can shadow it). `sender` is kept
+        as it is given: a `sender_digest`, never a secret.
 
         Returns at once; the future resolves once the message is stored. Futures resolve in
         the order of their appends, so callbacks added to them run in message id order.
@@ -146,7 +147,8 @@ DROP INDEX IF EXISTS messages_by_client_msg_id;
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_sender_msg_id
     ON messages (room, sender, client_msg_id) WHERE client_msg_id IS NOT NULL;
 """
-WAL_LIMIT_BYTES = 16 * 1024 * 1024  # what the WAL file is cut back to after each checkpoint
+WAL_LIMIT_BYTES = 16 * 1024 * 1024  # what the WAL file is cut back to once writing pauses
+WAL_HARD_LIMIT_BYTES = 64 * 1024 * 1024  # ...or, if it never does, once the WAL is this big
 
 
 @dataclass(slots=True)
@@ -181,6 +183,7 @@ class SQLiteHistory(History):
         # Owned by the writer thread: the rooms in use. A room gets its row with its first
         # message, so that merely visiting a room stores nothing.
         self._rooms: dict[str, RoomState] = {}
+        self._last_write = 0.0  # time.monotonic() of the writer's last batch
         self._lock_file: Any = None
         self._stopping = threading.Event()
         self._checkpointer: threading.Thread | None = None
@@ -247,13 +250,16 @@ class SQLiteHistory(History):
         db.execute("PRAGMA busy_timeout = 2000")
         try:
             while not self._stopping.wait(self.CHECKPOINT_EVERY):
-                # Under a steady flood a passive checkpoint never catches up and the WAL grows
-                # without end. Past its limit the writer empties it, between two batches: from
-                # here, it would block the writer and make messages wait, or fail.
-                if self._wal_bytes() > WAL_LIMIT_BYTES:
-                    self._jobs.put(_Job("truncate", ()))
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                # While messages keep coming, a checkpoint from here never catches up with the
+                # frames written meanwhile, so the WAL never starts over and grows. The writer
+                # empties it between two batches: as soon as writing pauses, or, under a flood
+                # that never pauses, once it passes a hard limit (the flood then waits a moment).
+                wal = self._wal_bytes()
+                idle = time.monotonic() - self._last_write > self.CHECKPOINT_EVERY / 2
+                if wal > WAL_HARD_LIMIT_BYTES or (wal > WAL_LIMIT_BYTES and idle):
+                    self._jobs.put(_Job("truncate", ()))
         finally:
             db.close()
 
@@ -264,7 +270,7 @@ class SQLiteHistory(History):
             return 0
 
     def append(self, room: str, event: dict[str, Any], sender: str) -> asyncio.Future[Stored]:
-        return self._submit("append", room, event, sender_digest(sender))
+        return self._submit("append", room, event, sender)
 
     def forget(self, room: str) -> None:
         if self._thread is not None:
@@ -308,9 +314,10 @@ class SQLiteHistory(History):
                 for job in jobs:
                     if job.kind == "forget":
                         self._rooms.pop(job.args[0], None)
-                self._resolve(
-                    self._work(db, [job for job in jobs if job.kind not in ("stop", "forget", "truncate")])
-                )
+                work = [job for job in jobs if job.kind not in ("stop", "forget", "truncate")]
+                if work:
+                    self._resolve(self._work(db, work))
+                    self._last_write = time.monotonic()
                 if any(job.kind == "truncate" for job in jobs):
                     with contextlib.suppress(sqlite3.Error):
                         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -113,7 +113,17 @@ class RateLimits:
     buckets, and a kept one would then no longer be the one the sender's other sockets use.
     """
 
-    __slots__ = ("frames", "ledger", "messages", "renames", "sender", "settings", "typing", "warnings")
+    __slots__ = (
+        "address_key",
+        "frames",
+        "ledger",
+        "messages",
+        "renames",
+        "sender",
+        "settings",
+        "typing",
+        "warnings",
+    )
 
     FRAME_BYTES = 4096  # a frame costs one from the budget per started 4 KiB...
     UNREADABLE_BYTES = 1024  # ...and one per KiB if it turns out not to be a command at all
@@ -122,6 +132,7 @@ class RateLimits:
         self.settings = settings
         self.ledger = ledger
         self.sender = sender
+        self.address_key = f"address:{sender.address}" if settings.rate_messages_per_address else None
         self.frames = TokenBucket(settings.rate_frames, 2 * settings.rate_frames)
         self.typing = TokenBucket(settings.rate_typing, 1)
         # Anonymous: nothing tells two people behind one address apart but their sockets, so
@@ -139,20 +150,25 @@ class RateLimits:
 
     def check_frame(self, frame: dict) -> Verdict | None:
         """Before a frame is even parsed: None if the connection's frame budget allows it."""
+        if self.frames.rate <= 0:
+            return None
         size = len(frame.get("text") or frame.get("bytes") or "")
         wait = self.frames.take(1 + size // self.FRAME_BYTES)
         return None if wait == 0 else self.refuse(wait, None, "too many frames")
 
     def charge_unreadable(self, frame: dict) -> None:
         """A frame that was not a command costs its full size."""
-        size = len(frame.get("text") or frame.get("bytes") or "")
-        self.frames.charge(size // self.UNREADABLE_BYTES)
+        if self.frames.rate > 0:
+            self.frames.charge(len(frame.get("text") or frame.get("bytes") or "") // self.UNREADABLE_BYTES)
 
     def check(self, command: protocol.Command | Rejection) -> Verdict:
         if isinstance(command, Typing):
             return Verdict(command if self.typing.take() == 0 else None)
         if isinstance(command, SendMessage):
-            wait = self._own("messages", self.messages).take() or self._address_messages().take()
+            wait = self._own("messages", self.messages).take()
+            if not wait and self.address_key is not None:  # shared by everyone behind the address
+                per_address = self.settings.rate_messages_per_address
+                wait = self.ledger.bucket("messages", self.address_key, per_address, 2 * per_address).take()
             what = "messages"
         elif isinstance(command, SetUsername):
             wait, what = self._own("renames", self.renames).take(), "renames"
@@ -172,10 +188,6 @@ class RateLimits:
         reason = f"slow down, {what}: try again in {retry_after} s"
         rejection = Rejection(ErrorCode.RATE_LIMITED, reason, retry_after, client_msg_id)
         return Verdict(rejection, flooding=self._own("warnings", self.warnings).take() > 0)
-
-    def _address_messages(self) -> TokenBucket:
-        per_address = self.settings.rate_messages_per_address
-        return self.ledger.bucket("messages", f"address:{self.sender.address}", per_address, 2 * per_address)
 
 
 def room_creation_bucket(ledger: Ledger, settings: Settings, sender: Sender) -> TokenBucket:

@@ -14,7 +14,7 @@ from fennec import WebSocket, WebSocketManager
 
 from . import protocol
 from .backplane import Backplane, BackplaneUnavailable, LocalBackplane, RoomEvent, open_backplane
-from .history import History, Stored
+from .history import History, Stored, sender_digest
 from .lobby import LOBBY_ROOMS, Lobby, room_list
 from .outbox import Outbox
 from .protocol import CloseCode, ErrorCode
@@ -33,11 +33,12 @@ class Client:
     id: str
     outbox: Outbox
     username: str
-    author: str  # whose client_msg_ids its messages carry: a token's user, a tab, or this socket
+    author: str | None  # whose client_msg_ids its messages carry: a token's user or a tab (None: this socket)
     room: str | None = None
     # While a newcomer's history is being read, room events wait here as (message id, text).
     held: list[tuple[int | None, str]] | None = None
     in_flight: int = 0  # messages sent but not yet stored
+    author_digest: str | None = None  # what the history keeps of `author`, made on the first message
 
 
 class ChatManager(WebSocketManager):
@@ -81,7 +82,6 @@ class ChatManager(WebSocketManager):
         user or a tab's session), if more than this one socket."""
         client_id = await super().connect(websocket, client_id)
         outbox = Outbox(websocket, self.settings.outbox_limit, self.settings.outbox_bytes)
-        author = author or f"client:{client_id}"
         self.clients[client_id] = Client(client_id, outbox, default_username(client_id), author)
         return client_id
 
@@ -145,7 +145,12 @@ class ChatManager(WebSocketManager):
         the commit (its next messages can share it) unless it has many in flight.
         """
         client = self.clients.get(sender)
-        author = client.author if client is not None else f"client:{sender}"
+        if client is None:
+            author = sender_digest(f"client:{sender}")
+        else:
+            if client.author_digest is None:
+                client.author_digest = sender_digest(client.author or f"client:{sender}")
+            author = client.author_digest
         stored = self.backplane.publish_message(room, event, author)
         stored.add_done_callback(functools.partial(self._after_publish, sender, event))
         if client is not None:

@@ -118,9 +118,10 @@ class Outbox:
             while True:
                 # Send everything queued in one go: one wake-up per burst, not per event.
                 while pending:
-                    text, size = pending.pop(0)
-                    self._pending_bytes -= size
-                    await send({"type": "websocket.send", "text": text})
+                    # No local names for the event: this frame outlives the loop, and a name
+                    # would keep the last event of every idle connection in memory.
+                    self._pending_bytes -= pending[0][1]
+                    await send({"type": "websocket.send", "text": pending.pop(0)[0]})
                 if self._closing is not None:
                     await self._websocket.close(*self._closing)
                     return

@@ -111,7 +111,7 @@ def parse_command(frame: dict[str, Any], settings: Settings) -> Command | Reject
         return Rejection(ErrorCode.INVALID_EVENT, 'expected a JSON object with a string "type"')
 
     kind = data["type"]
-    if (too_big := _padding_problem(kind, len(text), settings)) is not None:
+    if len(text) > ENVELOPE_CHARS and (too_big := _padding_problem(kind, len(text), settings)) is not None:
         return too_big
     if kind == "message":
         return _chat_message(data.get("message"), data.get("client_msg_id"), settings)

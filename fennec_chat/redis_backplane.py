@@ -38,7 +38,7 @@ except ImportError as missing:  # pragma: no cover - depends on the installation
     raise RuntimeError("--redis-url needs redis-py: pip install 'fennec-chat[redis]'") from missing
 
 from .backplane import Backplane, BackplaneUnavailable, Deliver, RoomEvent, RoomList, StateChanged
-from .history import History, RoomState, Stored, sender_digest
+from .history import History, RoomState, Stored
 from .protocol import encode, now
 from .settings import Settings
 
@@ -665,7 +665,7 @@ class RedisHistory(History):
         ]
         # A client_msg_id is its sender's own: Mallory's "msg-2" cannot shadow Alice's.
         client_msg_id = event.get("client_msg_id")
-        dedupe_key = f"{sender_digest(sender)}:{client_msg_id}" if client_msg_id else ""
+        dedupe_key = f"{sender}:{client_msg_id}" if client_msg_id else ""
         args = [encode(event), dedupe_key, self.retention, secrets.token_hex(8), self.ttl_ms]
         reply = backplane._send(lambda pipe: pipe.eval(APPEND, len(keys), *keys, *args), want_result=True)
         assert reply is not None

@@ -38,13 +38,16 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     are parted on the way, so a closed connection's memory is free at once.
     """
 
+    # Defaults on the class, set on an instance only when they change: one more attribute on
+    # each of thousands of idle connections would grow every instance's dict past a size step.
+    pings: TokenBucket | None = None  # made on the first ping: most peers send none
+    deaf = False  # True once we stopped listening to this peer (see give_up)
+    pong_backlog = 0  # bytes of pongs written while the peer was not reading
+    abort_timer: asyncio.TimerHandle | None = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = Inbox()  # type: ignore[assignment]
-        self.pings: TokenBucket | None = None  # made on the first ping: most peers send none
-        self.deaf = False  # True once we stopped listening to this peer (see give_up)
-        self.pong_backlog = 0  # bytes of pongs written while the peer was not reading
-        self.abort_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         if self.deaf:  # uvicorn resumes reading whenever the app reads: pause it again
@@ -111,7 +114,8 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self.pong_backlog = 0
+        if self.pong_backlog:
+            self.pong_backlog = 0
 
     def keepalive_timeout(self) -> None:
         # uvicorn closes with 1011 ("unexpected server error") here, and then waits for the
