@@ -147,13 +147,13 @@ DROP INDEX IF EXISTS messages_by_client_msg_id;
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_sender_msg_id
     ON messages (room, sender, client_msg_id) WHERE client_msg_id IS NOT NULL;
 """
-WAL_LIMIT_BYTES = 16 * 1024 * 1024  # what the WAL file is cut back to once writing pauses
-WAL_HARD_LIMIT_BYTES = 64 * 1024 * 1024  # ...or, if it never does, once the WAL is this big
+WAL_LIMIT_BYTES = 16 * 1024 * 1024  # past this, the WAL is emptied once writing pauses...
+WAL_HARD_LIMIT_BYTES = 64 * 1024 * 1024  # ...or, if it never does, starts over past this
 
 
 @dataclass(slots=True)
 class _Job:
-    kind: str  # "append", "state", "messages", "forget", "truncate" or "stop"
+    kind: str  # "append", "state", "messages", "forget", "restart_wal" or "stop"
     args: tuple
     future: asyncio.Future | None = field(default=None)
 
@@ -169,6 +169,7 @@ class SQLiteHistory(History):
     """
 
     CHECKPOINT_EVERY = 1.0  # seconds
+    LEFT_FOR_THE_WRITER = 256  # WAL frames (pages): what the writer copies itself, at most about
     EXPIRE_EVERY = 3600.0  # seconds between two looks for rooms idle past --history-days
 
     def __init__(self, path: str, retention: int, days: float = 0) -> None:
@@ -248,20 +249,36 @@ class SQLiteHistory(History):
     def _checkpoint_forever(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA busy_timeout = 2000")
+        self.page_size = db.execute("PRAGMA page_size").fetchone()[0]
         try:
             while not self._stopping.wait(self.CHECKPOINT_EVERY):
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                frames, left = self._checkpoint(db)
                 # While messages keep coming, a checkpoint from here never catches up with the
-                # frames written meanwhile, so the WAL never starts over and grows. The writer
-                # empties it between two batches: as soon as writing pauses, or, under a flood
-                # that never pauses, once it passes a hard limit (the flood then waits a moment).
-                wal = self._wal_bytes()
+                # frames written meanwhile, so the WAL never starts over and grows. Only the
+                # writer can finish the job, between two batches, and the messages behind it
+                # wait meanwhile: so it empties the WAL file when writing pauses, and under a
+                # flood that never pauses makes the WAL start over (reusing the file: no
+                # waiting for the disk to take it back) past a hard limit, once a few more
+                # passes from here have left it little to do.
                 idle = time.monotonic() - self._last_write > self.CHECKPOINT_EVERY / 2
-                if wal > WAL_HARD_LIMIT_BYTES or (wal > WAL_LIMIT_BYTES and idle):
-                    self._jobs.put(_Job("truncate", ()))
+                if idle and self._wal_bytes() > WAL_LIMIT_BYTES:
+                    self._jobs.put(_Job("restart_wal", ("TRUNCATE",)))
+                elif frames * self.page_size > WAL_HARD_LIMIT_BYTES:
+                    for _ in range(5):
+                        if left <= self.LEFT_FOR_THE_WRITER:
+                            break
+                        _, left = self._checkpoint(db)
+                    self._jobs.put(_Job("restart_wal", ("RESTART",)))
         finally:
             db.close()
+
+    def _checkpoint(self, db: sqlite3.Connection) -> tuple[int, int]:
+        """Copy what the WAL holds into the database: (frames in the WAL, frames left to copy)."""
+        try:
+            _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            return 0, 0
+        return frames, max(0, frames - copied)
 
     def _wal_bytes(self) -> int:
         try:
@@ -314,13 +331,15 @@ class SQLiteHistory(History):
                 for job in jobs:
                     if job.kind == "forget":
                         self._rooms.pop(job.args[0], None)
-                work = [job for job in jobs if job.kind not in ("stop", "forget", "truncate")]
+                work = [job for job in jobs if job.kind not in ("stop", "forget", "restart_wal")]
                 if work:
                     self._resolve(self._work(db, work))
                     self._last_write = time.monotonic()
-                if any(job.kind == "truncate" for job in jobs):
+                if restart := next((job for job in jobs if job.kind == "restart_wal"), None):
+                    # RESTART under load (the file is reused from its start: cheap), TRUNCATE
+                    # when idle (it also gives the disk space back: slow, but nobody waits).
                     with contextlib.suppress(sqlite3.Error):
-                        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                        db.execute(f"PRAGMA wal_checkpoint({restart.args[0]})")
                 if stopping:
                     if self.on_disk:
                         with contextlib.suppress(sqlite3.Error):
@@ -339,8 +358,8 @@ class SQLiteHistory(History):
         # Never checkpoint on commit: that would make one message wait for the disk.
         if self.on_disk:
             db.execute("PRAGMA wal_autocheckpoint = 0")
-        # However fast messages come, the WAL shrinks back to this after each checkpoint.
-        db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
+        # When the WAL starts over, a file grown past this is cut back to it.
+        db.execute(f"PRAGMA journal_size_limit = {WAL_HARD_LIMIT_BYTES}")
         db.executescript(SCHEMA)
         for (table, column), statement in MIGRATIONS.items():
             if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
