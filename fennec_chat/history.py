@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import queue
 import secrets
 import sqlite3
@@ -147,8 +146,6 @@ DROP INDEX IF EXISTS messages_by_client_msg_id;
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_sender_msg_id
     ON messages (room, sender, client_msg_id) WHERE client_msg_id IS NOT NULL;
 """
-WAL_LIMIT_BYTES = 16 * 1024 * 1024  # past this, the WAL is emptied once writing pauses...
-WAL_HARD_LIMIT_BYTES = 64 * 1024 * 1024  # ...or, if it never does, starts over past this
 
 
 @dataclass(slots=True)
@@ -170,6 +167,8 @@ class SQLiteHistory(History):
 
     CHECKPOINT_EVERY = 1.0  # seconds
     LEFT_FOR_THE_WRITER = 256  # WAL frames (pages): what the writer copies itself, at most about
+    WAL_SOFT_LIMIT = 16 * 1024 * 1024  # bytes in the WAL: start it over when writing pauses...
+    WAL_HARD_LIMIT = 64 * 1024 * 1024  # ...or at once, under a flood that never pauses
     EXPIRE_EVERY = 3600.0  # seconds between two looks for rooms idle past --history-days
 
     def __init__(self, path: str, retention: int, days: float = 0) -> None:
@@ -254,21 +253,18 @@ class SQLiteHistory(History):
             while not self._stopping.wait(self.CHECKPOINT_EVERY):
                 frames, left = self._checkpoint(db)
                 # While messages keep coming, a checkpoint from here never catches up with the
-                # frames written meanwhile, so the WAL never starts over and grows. Only the
-                # writer can finish the job, between two batches, and the messages behind it
-                # wait meanwhile: so it empties the WAL file when writing pauses, and under a
-                # flood that never pauses makes the WAL start over (reusing the file: no
-                # waiting for the disk to take it back) past a hard limit, once a few more
-                # passes from here have left it little to do.
+                # frames written meanwhile, so the WAL never starts over and grows without end.
+                # Only the writer can finish the job (between two batches, a few ms: the file
+                # is reused, not cut), once a few more passes from here have left it little:
+                # when writing pauses, or past a limit under a flood that never pauses.
+                wal_bytes = frames * self.page_size
                 idle = time.monotonic() - self._last_write > self.CHECKPOINT_EVERY / 2
-                if idle and self._wal_bytes() > WAL_LIMIT_BYTES:
-                    self._jobs.put(_Job("restart_wal", ("TRUNCATE",)))
-                elif frames * self.page_size > WAL_HARD_LIMIT_BYTES:
+                if wal_bytes > self.WAL_HARD_LIMIT or (idle and wal_bytes > self.WAL_SOFT_LIMIT):
                     for _ in range(5):
                         if left <= self.LEFT_FOR_THE_WRITER:
                             break
                         _, left = self._checkpoint(db)
-                    self._jobs.put(_Job("restart_wal", ("RESTART",)))
+                    self._jobs.put(_Job("restart_wal", ()))
         finally:
             db.close()
 
@@ -279,12 +275,6 @@ class SQLiteHistory(History):
         except sqlite3.Error:
             return 0, 0
         return frames, max(0, frames - copied)
-
-    def _wal_bytes(self) -> int:
-        try:
-            return os.path.getsize(self.path + "-wal")
-        except OSError:
-            return 0
 
     def append(self, room: str, event: dict[str, Any], sender: str) -> asyncio.Future[Stored]:
         return self._submit("append", room, event, sender)
@@ -335,11 +325,9 @@ class SQLiteHistory(History):
                 if work:
                     self._resolve(self._work(db, work))
                     self._last_write = time.monotonic()
-                if restart := next((job for job in jobs if job.kind == "restart_wal"), None):
-                    # RESTART under load (the file is reused from its start: cheap), TRUNCATE
-                    # when idle (it also gives the disk space back: slow, but nobody waits).
+                if any(job.kind == "restart_wal" for job in jobs):
                     with contextlib.suppress(sqlite3.Error):
-                        db.execute(f"PRAGMA wal_checkpoint({restart.args[0]})")
+                        db.execute("PRAGMA wal_checkpoint(RESTART)")
                 if stopping:
                     if self.on_disk:
                         with contextlib.suppress(sqlite3.Error):
@@ -358,8 +346,9 @@ class SQLiteHistory(History):
         # Never checkpoint on commit: that would make one message wait for the disk.
         if self.on_disk:
             db.execute("PRAGMA wal_autocheckpoint = 0")
-        # When the WAL starts over, a file grown past this is cut back to it.
-        db.execute(f"PRAGMA journal_size_limit = {WAL_HARD_LIMIT_BYTES}")
+        # When the WAL starts over, a file grown past this is cut back to it (rarely: cutting
+        # a file takes the disk long enough to make messages wait).
+        db.execute(f"PRAGMA journal_size_limit = {2 * self.WAL_HARD_LIMIT}")
         db.executescript(SCHEMA)
         for (table, column), statement in MIGRATIONS.items():
             if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:

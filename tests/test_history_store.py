@@ -123,3 +123,32 @@ async def test_an_unusable_path_is_a_clear_error(tmp_path):
     store = SQLiteHistory(str(tmp_path / "missing-dir" / "x.db"), retention=10)
     with pytest.raises(RuntimeError, match="cannot open the history database"):
         await store.start()
+
+
+class SmallWal(SQLiteHistory):
+    """The same store, with limits small enough for a test to pass them in a second."""
+
+    CHECKPOINT_EVERY = 0.05
+    WAL_SOFT_LIMIT = 256 * 1024
+    WAL_HARD_LIMIT = 512 * 1024
+
+
+async def test_a_flood_that_never_pauses_leaves_a_bounded_write_ahead_log(tmp_path):
+    path = tmp_path / "flood.db"
+    store = SmallWal(str(path), retention=100_000)
+    await store.start()
+    wal = path.with_name("flood.db-wal")
+    largest = 0
+    text = "x" * 1900
+    pending = []
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 2.5
+    while loop.time() < until:  # a message every millisecond or so: the writer never pauses
+        pending.append(store.append("room", message(text), "alice"))
+        if len(pending) % 50 == 0:
+            largest = max(largest, wal.stat().st_size)
+        await asyncio.sleep(0.001)
+    await asyncio.gather(*pending)
+    assert largest < 4 * 1024 * 1024  # past the hard limit it starts over, and is cut back to twice that
+    await store.close()
+    assert not wal.exists() or wal.stat().st_size == 0  # a closed store leaves it empty
