@@ -1,303 +1,189 @@
-"""Fennec WebSocket chat: rooms, usernames, typing indicators and a lobby, in one process.
+"""A real-time chat on Fennec: rooms, usernames, typing indicators and a lobby.
 
     python server.py            # then open http://localhost:8000/ in a few tabs
     python server.py --help     # every setting, with its environment variable
 
-Read this file top to bottom: the two WebSocket endpoints (accept, receive loop, broadcast,
-cleanup), the two HTTP routes, then how it is served. The machinery (validation, the room
-manager and its safe fan-out, settings) lives in the small `fennec_chat` package beside it.
+This file is the lesson; read it top to bottom: two WebSocket endpoints (accept, admit, a
+receive loop that dispatches each command to its handler, goodbye), two HTTP routes, the app.
+docs/tutorial.md builds up to it in four steps. What it leans on (validation, limits, history,
+Redis, uvicorn tuning, the workarounds of Fennec 0.3.0) lives in fennec_chat/, a module each.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
-import os
-import signal
-import sys
-from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from urllib.parse import parse_qs
 
-import uvicorn
 from fennec import Request, Response, Router, WebSocket, WebSocketRouter
 
-from fennec_chat import protocol
-from fennec_chat.application import ChatApplication
-from fennec_chat.gate import Gate, Identity, Refusal, Tokens
-from fennec_chat.http_guard import GuardedHttpProtocol
-from fennec_chat.limits import Verdict
-from fennec_chat.logs import log_config
-from fennec_chat.manager import ChatManager
+from fennec_chat import cli, protocol
+from fennec_chat.fennec_fixes import ChatApplication, incoming, query_params
+from fennec_chat.gate import Gate, Refusal
+from fennec_chat.manager import ChatManager, Connection
 from fennec_chat.moderation import WordFilter
 from fennec_chat.page import read_page
-from fennec_chat.protocol import CloseCode, ErrorCode, JoinRequest, Rejection, check_username
-from fennec_chat.settings import Settings, strict_int
-from fennec_chat.wsprotocol import LeanWebSocketProtocol
+from fennec_chat.protocol import (
+    CloseCode,
+    ErrorCode,
+    JoinRequest,
+    Kick,
+    Rejection,
+    SendMessage,
+    SetUsername,
+    Typing,
+)
+from fennec_chat.settings import Settings
 
-CLIENT_PAGE = Path(__file__).with_name("client.html")
-
-settings = Settings.from_environ()  # main() applies command-line flags on top
-manager = ChatManager(settings)
-gate = Gate(settings, manager)
-words = WordFilter()  # --blocklist loads it at start
+settings = Settings.from_environ()  # `python server.py --flags` applies its flags on top
+manager = ChatManager(settings)  # Fennec's WebSocketManager: connections, rooms, broadcast
+gate = Gate(settings, manager)  # who may come in, and how fast they may go
+words = WordFilter(settings)  # masks the words of --blocklist
 ws_router = WebSocketRouter()
 http_router = Router()
 
 
-# --- WebSocket endpoints -----------------------------------------------------------------------
+# --- A chat room: admit, greet, loop, goodbye ----------------------------------------------------
 
 
 @ws_router.websocket("/ws/chat/{room}")
 async def chat_room(websocket: WebSocket, room: str) -> None:
-    """One member of one room, from handshake to goodbye."""
-    # Accept before refusing: a browser only sees a close code and reason after the handshake.
+    # Accept first: a browser learns a close code and its reason only after the handshake.
     await websocket.accept()
-    # The room name, the page's origin, the token (with --jwt-secret), new rooms per sender and
-    # sockets per address. Leaving the block gives the address's seat back, whatever happened.
+    # Room name, origin, token, sockets per address. Leaving the block gives the seat back.
     async with gate.admitted(websocket, room) as admission:
         if isinstance(admission, Refusal):
             await websocket.close(admission.code, admission.reason)
             return
-        identity = admission.identity
-        # A reconnecting tab names itself in the URL (so the room never sees "User-1a2b joined"
-        # followed by a rename) and says where it left off (so it gets just what it missed).
-        join = protocol.parse_join(query_params(websocket), settings)
-        # Whose client_msg_ids these are: the token's user, else the tab, else this socket.
-        author = f"user:{identity.username}" if identity.username else None
-        if author is None and join.session:
-            author = f"session:{join.session}"
-        client_id = await manager.connect(websocket, author=author)
-        try:
-            if not await greet(client_id, room, identity, join):
-                return  # dropped meanwhile: more room events piled up than its outbox may hold
+        join = protocol.parse_join(query_params(websocket), settings)  # ?username= ?since= ?session=
+        # Registered with Fennec's manager; on the way out the room hears `user_left`, once.
+        async with manager.connected(websocket, room, admission.identity, join.session) as me:
+            if not await greet(me, join):
+                return
             limits = gate.limits(admission)
-            async for frame in incoming(websocket, client_id):
-                if refused := limits.check_frame(frame):  # every frame, before it costs any parsing
-                    verdict = refused
-                else:
-                    command = words.apply(protocol.parse_command(frame, settings))  # masks blocked words
-                    if isinstance(command, protocol.Rejection) and command.code in protocol.UNREADABLE:
-                        limits.charge_unreadable(frame)
-                    verdict = limits.check(command)
-                username = manager.username(client_id)
-                match verdict.command:
-                    case protocol.SendMessage(text=text, client_msg_id=client_msg_id):
-                        # Stored and numbered, then sent to everyone in the room, the sender
-                        # included: its copy is the confirmation.
-                        event = protocol.chat_message(username, text, client_id, client_msg_id)
-                        await manager.publish(room, event, sender=client_id)
-                    case protocol.SetUsername() if identity.username:
-                        locked = protocol.error(ErrorCode.USERNAME_LOCKED, "your name comes from your token")
-                        await manager.send_json(client_id, locked)
-                    case protocol.SetUsername(username=new_name) if new_name != username:
-                        manager.rename(client_id, new_name)
-                        event = protocol.username_changed(username, new_name, client_id)
-                        await manager.broadcast_json(event, room=room)
-                    case protocol.Typing():
-                        event = protocol.typing(username, client_id)
-                        await manager.broadcast_json(event, room=room, exclude=client_id)
-                    case protocol.Kick(client_id=target) if identity.admin:
-                        if problem := await manager.kick(room, target, by=username):
-                            await manager.send_json(client_id, problem.event())
-                    case protocol.Kick():
-                        forbidden = protocol.error(ErrorCode.FORBIDDEN, "only an admin may kick")
-                        await manager.send_json(client_id, forbidden)
-                    case protocol.Rejection() as rejection:
-                        # Bad input is answered, never fatal: the socket stays open and usable.
-                        await manager.send_json(client_id, rejection.event())
-                    case _:
-                        pass  # an unchanged name, or typing notices beyond their limit: nothing to do
-                if verdict.flooding:  # warned again and again: this is no longer a person typing
-                    await manager.close(client_id, CloseCode.POLICY_VIOLATION, "flooding: too many frames")
-        finally:
-            # Tells the room `user_left` exactly once, whether the client closed, vanished, was
-            # dropped for falling behind or was kicked.
-            await manager.disconnect(client_id)
+            async for frame in incoming(websocket, me.is_open):  # raw frames: every bad one is answered
+                # The frame budget first (before any parsing), then parse (never raises), mask
+                # blocked words, and the per-command limits.
+                parsed = protocol.parse_command(frame, settings)
+                command = limits.check_frame(frame) or limits.check(words.apply(parsed), frame)
+                match command:
+                    case SendMessage():
+                        await send_message(me, command)
+                    case SetUsername():
+                        await set_username(me, command)
+                    case Typing():
+                        await typing(me)
+                    case Kick():
+                        await kick(me, command)
+                    case Rejection():  # bad input is answered, never fatal
+                        await manager.send_json(me.client_id, command.event())
+                if limits.flooding:  # warned again and again: no longer a person typing
+                    await manager.close(me.client_id, CloseCode.POLICY_VIOLATION, "flooding: too many frames")
 
 
-async def greet(client_id: str, room: str, identity: Identity, join: JoinRequest) -> bool:
-    """Join the room and tell the newcomer where it is; False if it is gone meanwhile."""
-    if name := identity.username or join.username:  # a token's name wins
-        manager.rename(client_id, words.mask(name))
-    manager.join_room(client_id, room)
-    await manager.send_json(client_id, protocol.welcome(room, client_id, settings))
-    await manager.send_json(client_id, protocol.presence(room, await manager.members(room)))
-    # Earlier messages (or just the missed ones), then live ones: no gap, nothing twice.
-    await manager.send_history(client_id, room, join.since, join.epoch)
+async def greet(me: Connection, join: JoinRequest) -> bool:
+    """Join the room and tell the newcomer where it is; then tell the room. False: it is gone."""
+    if name := me.identity.username or join.username:  # a token's name wins
+        manager.rename(me.client_id, words.mask(name))
+    manager.join_room(me.client_id, me.room)
+    await manager.send_json(me.client_id, protocol.welcome(me.room, me.client_id, settings))
+    await manager.send_json(me.client_id, protocol.presence(me.room, await manager.members(me.room)))
+    # What was said before it joined (or just what it missed), then live events: no gap, no repeat.
+    await manager.send_history(me.client_id, me.room, join.since, join.epoch)
     for problem in join.problems:
-        await manager.send_json(client_id, problem.event())
-    if not manager.is_connected(client_id):
-        return False
-    joined = protocol.user_joined(manager.username(client_id), client_id)
-    await manager.broadcast_json(joined, room=room, exclude=client_id)
+        await manager.send_json(me.client_id, problem.event())
+    if not manager.is_connected(me.client_id):
+        return False  # dropped meanwhile: more events piled up than its outbox may hold
+    await manager.broadcast_json(
+        protocol.user_joined(manager.username(me.client_id), me.client_id), room=me.room, exclude=me.client_id
+    )
     return True
+
+
+# One handler per command. A chat message is *published*: numbered and stored first (so that a
+# client that reconnects with ?since= gets exactly what it missed), then sent to everyone in the
+# room, the sender included: its copy is the confirmation. Renames and typing notices are only
+# *broadcast*: they matter now, not later, and nothing keeps them.
+
+
+async def send_message(me: Connection, message: SendMessage) -> None:
+    event = protocol.chat_message(
+        manager.username(me.client_id), message.text, me.client_id, message.client_msg_id
+    )
+    await manager.publish(me.room, event, sender=me.client_id)
+
+
+async def set_username(me: Connection, rename: SetUsername) -> None:
+    if me.identity.username:
+        await manager.send_json(
+            me.client_id, protocol.error(ErrorCode.USERNAME_LOCKED, "your name comes from your token")
+        )
+    elif (old := manager.rename(me.client_id, rename.username)) != rename.username:
+        await manager.broadcast_json(
+            protocol.username_changed(old, rename.username, me.client_id), room=me.room
+        )
+
+
+async def typing(me: Connection) -> None:
+    event = protocol.typing(manager.username(me.client_id), me.client_id)
+    await manager.broadcast_json(event, room=me.room, exclude=me.client_id)  # not back to the typist
+
+
+async def kick(me: Connection, kick: Kick) -> None:
+    if not me.identity.admin:
+        await manager.send_json(me.client_id, protocol.error(ErrorCode.FORBIDDEN, "only an admin may kick"))
+    elif problem := await manager.kick(me.room, kick.client_id, by=manager.username(me.client_id)):
+        await manager.send_json(me.client_id, problem.event())
+
+
+# --- The lobby: the list of active rooms, on connect, on request and after every change -------
 
 
 @ws_router.websocket("/ws/lobby")
 async def lobby(websocket: WebSocket) -> None:
-    """The list of active rooms: sent on connect, on any text from the client, and after changes."""
     await websocket.accept()
     async with gate.admitted(websocket) as admission:
         if isinstance(admission, Refusal):
             await websocket.close(admission.code, admission.reason)
             return
-        client_id = await manager.connect(websocket)
-        try:
-            await manager.watch_lobby(client_id)
+        async with manager.connected(websocket) as me:
+            await manager.watch_lobby(me.client_id)
             limits = gate.limits(admission)
-            async for frame in incoming(websocket, client_id):
-                verdict = limits.check_frame(frame) or limits.check_request()
-                if verdict is None and frame.get("text") is None:
-                    limits.charge_unreadable(frame)
-                    verdict = Verdict(
-                        Rejection(ErrorCode.UNSUPPORTED_FRAME, "send text to get the room list")
+            async for frame in incoming(websocket, me.is_open):  # any text asks for the list
+                if refusal := limits.check_frame(frame) or limits.check_request(frame):
+                    await manager.send_json(me.client_id, refusal.event())
+                else:
+                    await manager.send_rooms_update(me.client_id)
+                if limits.flooding:
+                    await manager.close(
+                        me.client_id, CloseCode.POLICY_VIOLATION, "flooding: too many requests"
                     )
-                if verdict is None:
-                    await manager.send_rooms_update(client_id)
-                    continue
-                assert isinstance(verdict.command, Rejection)
-                await manager.send_json(client_id, verdict.command.event())
-                if verdict.flooding:
-                    await manager.close(client_id, CloseCode.POLICY_VIOLATION, "flooding: too many requests")
-        finally:
-            await manager.disconnect(client_id)
 
 
-async def incoming(websocket: WebSocket, client_id: str) -> AsyncIterator[dict]:
-    """Frames from one client, until it disconnects or the manager drops it.
-
-    We read raw ASGI frames rather than Fennec's `receive_json()`: that one raises on bad
-    JSON and silently skips binary frames, and every bad frame here deserves an answer.
-    """
-    while True:
-        frame = await websocket.receive()
-        if frame["type"] == "websocket.disconnect" or not manager.is_connected(client_id):
-            return
-        if frame["type"] == "websocket.receive":  # not the opening "websocket.connect"
-            yield frame
-
-
-def query_params(websocket: WebSocket) -> dict[str, str]:
-    """The connect URL's query parameters (the first value of each)."""
-    query = parse_qs(websocket.scope.get("query_string", b"").decode("latin-1"))
-    return {name: values[0] for name, values in query.items()}
-
-
-# --- HTTP routes -------------------------------------------------------------------------------
+# --- HTTP ----------------------------------------------------------------------------------------
 
 
 @http_router.get("/")
 async def chat_page(request: Request) -> Response:
-    """The chat page, so http://localhost:8000/?room=dev works as well as opening the file.
-
-    Its Content-Security-Policy lets only its own script and style run (see fennec_chat/page.py).
-    """
-    page, headers = read_page(CLIENT_PAGE)
+    """The page, served with a Content-Security-Policy that lets only its own script run."""
+    page, headers = read_page(Path(__file__).with_name("client.html"))
     return Response(page, headers=headers)
 
 
 @http_router.get("/health")
 async def health(request: Request) -> Response:
-    stats = manager.stats()
-    # 503 while the backplane (Redis) is away, so that a load balancer can send people elsewhere.
-    healthy = stats["backplane"]["connected"]
-    body = {"status": "ok" if healthy else "degraded", **stats, "tasks": len(asyncio.all_tasks())}
-    headers = {"content-type": "application/json"}
-    return Response(json.dumps(body), status_code=200 if healthy else 503, headers=headers)
+    """ok, or degraded (HTTP 503) while Redis is away: a load balancer then sends people elsewhere."""
+    report = manager.health()
+    status = 200 if report["status"] == "ok" else 503
+    return Response(json.dumps(report), status_code=status, headers={"content-type": "application/json"})
 
 
-# --- The application ---------------------------------------------------------------------------
+# --- The app: Fennec's Application with the routers, and what starts and stops with it ----------
 
-# docs_enabled=False: Fennec's /docs page loads Swagger UI from a CDN, and this app never
-# reaches for the internet.
-app = ChatApplication(title="Fennec chat", docs_enabled=False)
+app = ChatApplication(title="Fennec chat", docs_enabled=False)  # docs would load Swagger from a CDN
 app.include_router(http_router)
 app.include_websocket_router(ws_router)
-app.on_startup.append(manager.start)  # opens the message history and the backplane
+app.on_startup += [manager.start, words.start]  # the history (and Redis), the blocklist
 app.on_shutdown.append(manager.shutdown)
 
-
-async def load_blocklist() -> None:
-    if settings.blocklist:
-        words.load(settings.blocklist)
-
-
-app.on_startup.append(load_blocklist)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["token"]:
-        print(mint_token(argv[1:]))
-        return
-    settings.apply_flags(argv)
-    GuardedHttpProtocol.configure(settings)
-    options = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_level": settings.log_level,
-        "lifespan": "on",
-        "http": GuardedHttpProtocol,  # uvicorn's httptools, + a deadline and a size limit per request
-        "ws": LeanWebSocketProtocol,  # uvicorn's websockets-sansio, + write_now, - memory
-        "ws_max_size": settings.max_frame_bytes,
-        "ws_per_message_deflate": settings.ws_compression,
-        "ws_ping_interval": settings.ping_interval or None,
-        "ws_ping_timeout": settings.ping_timeout or None,
-        "timeout_graceful_shutdown": 5,
-        "log_config": log_config(),
-        "ssl_certfile": settings.ssl_certfile or None,
-        "ssl_keyfile": settings.ssl_keyfile or None,
-    }
-    print_addresses(settings.host, settings.port, secure=bool(settings.ssl_certfile))
-
-    # On Ctrl-C or SIGTERM uvicorn sends every socket a close frame (1012, "service restart"),
-    # waits for the handlers to finish, then re-raises the signal. A stop we asked for is a
-    # success, so the re-raised signal lands on a handler that does nothing and we exit 0.
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop_signal, lambda *_: None)
-    if settings.workers > 1:
-        # Each worker imports this file afresh and reads its settings from the environment.
-        settings.export_to(os.environ)
-        uvicorn.run("server:app", workers=settings.workers, app_dir=str(Path(__file__).parent), **options)
-        return
-    server = uvicorn.Server(uvicorn.Config(app, **options))
-    server.run()
-    sys.exit(0 if server.started else 1)
-
-
-def mint_token(argv: Sequence[str]) -> str:
-    """`python server.py token --username alice [--admin] [--ttl 3600]`: a token for local use."""
-    parser = argparse.ArgumentParser(prog="server.py token", description=mint_token.__doc__)
-    parser.add_argument("--username", required=True)
-    parser.add_argument("--admin", action="store_true", help="may kick people out of rooms")
-    parser.add_argument("--ttl", type=strict_int, default=3600, help="seconds until it expires")
-    parser.add_argument("--jwt-secret", default=settings.jwt_secret, help="default: $CHAT_JWT_SECRET")
-    args = parser.parse_args(argv)
-    if not args.jwt_secret:
-        parser.error("no secret: pass --jwt-secret or set CHAT_JWT_SECRET (the server's)")
-    if args.ttl <= 0:
-        parser.error(f"--ttl must be a positive number of seconds, not {args.ttl}")
-    name = check_username(args.username, settings, reserved_ok=True)
-    if isinstance(name, Rejection):  # the server would refuse a token with this name
-        parser.error(f"--username: {name.reason}")
-    return Tokens(args.jwt_secret).mint(name, admin=args.admin, ttl=args.ttl)
-
-
-def print_addresses(host: str, port: int, secure: bool) -> None:
-    shown = "localhost" if host in ("0.0.0.0", "::", "127.0.0.1") else host
-    shown = f"[{shown}]" if ":" in shown else shown
-    web, ws = ("https", "wss") if secure else ("http", "ws")
-    print(f"Fennec chat: open {web}://{shown}:{port}/ (add ?room=NAME to pick a room)")
-    print(f"  chat room  {ws}://{shown}:{port}/ws/chat/{{room}}")
-    print(f"  lobby      {ws}://{shown}:{port}/ws/lobby")
-    if settings.jwt_secret:
-        print("  every socket needs ?token= (python server.py token --username NAME)")
-    if host in ("0.0.0.0", "::"):
-        print("  listening on every network interface: other machines can connect too")
-    sys.stdout.flush()
-
-
 if __name__ == "__main__":
-    main()
+    cli.main(app, settings, "server:app", Path(__file__).parent)  # flags, `token`, workers, TLS

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .history import History, Stored, open_history
 from .protocol import encode
@@ -35,8 +35,21 @@ class BackplaneUnavailable(Exception):
     """The backplane cannot carry events right now (it is reconnecting)."""
 
 
-Deliver = Callable[[RoomEvent], None]
-StateChanged = Callable[[bool, set[str]], None]  # (connected, rooms whose history was replaced)
+class Listener(Protocol):
+    """What the backplane tells the room manager."""
+
+    def deliver_room_event(self, event: RoomEvent) -> None:
+        """A room event, in the room's one order: give it to this process's members."""
+
+    def lobby_changed(self) -> None:
+        """Rooms, members or names changed somewhere."""
+
+    def backplane_lost(self) -> None:
+        """The backplane is away: events cannot cross processes until it is back."""
+
+    async def backplane_back(self, rooms: set[str], reset_rooms: set[str]) -> None:
+        """The backplane is back: refresh what the members of `rooms` see (presence; a new
+        `history` for `reset_rooms`, whose history was replaced meanwhile)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,12 +66,8 @@ class Backplane(ABC):
     history: History | None
 
     @abstractmethod
-    async def start(
-        self, deliver: Deliver, lobby_changed: Callable[[], None], state_changed: StateChanged
-    ) -> None:
-        """Connect. From now on every room event comes back through `deliver`, in order;
-        `lobby_changed` says that rooms or members changed somewhere, `state_changed` that the
-        backplane was lost or is back."""
+    async def start(self, listener: Listener) -> None:
+        """Connect. From now on every room event comes back to `listener`, in order."""
 
     @abstractmethod
     async def close(self) -> None:
@@ -137,14 +146,12 @@ class LocalBackplane(Backplane):
     def __init__(self, history: History | None) -> None:
         self.history = history
         self._storing: dict[str, asyncio.Future[Stored]] = {}  # room → its newest message being stored
-        self._deliver: Deliver = lambda event: None
+        self._deliver: Callable[[RoomEvent], None] = lambda event: None
         self._rooms: set[str] = set()
         self._seats: Counter[str] = Counter()
 
-    async def start(
-        self, deliver: Deliver, lobby_changed: Callable[[], None], state_changed: StateChanged
-    ) -> None:
-        self._deliver = deliver
+    async def start(self, listener: Listener) -> None:
+        self._deliver = listener.deliver_room_event
         if self.history is not None:
             await self.history.start()
 

@@ -37,6 +37,9 @@ class Identity:
     admin: bool = False
 
 
+ANONYMOUS = Identity()
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     address: str

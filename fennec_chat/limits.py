@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from . import protocol
 from .protocol import ErrorCode, Rejection, SendMessage, SetUsername, Typing
@@ -53,6 +54,13 @@ class TokenBucket:
         return self.rate <= 0 or self.tokens + (time.monotonic() - self.updated) * self.rate >= self.burst
 
 
+NO_LIMIT = TokenBucket(0, 1)  # a rate of 0 never changes: every limit that is off shares this one
+
+
+def bucket(rate: float, burst: float) -> TokenBucket:
+    return TokenBucket(rate, burst) if rate > 0 else NO_LIMIT
+
+
 class Ledger:
     """Token buckets that belong to senders, kept across their connections.
 
@@ -94,20 +102,12 @@ class Sender:
         return f"user:{self.user}" if self.user is not None else f"address:{self.address}"
 
 
-@dataclass
-class Verdict:
-    """What to do with a command: carry it out, drop it silently, or answer with an error."""
-
-    command: protocol.Command | Rejection | None  # None: dropped without a word
-    flooding: bool = False  # warned too often: close the connection
-
-
 class RateLimits:
     """One connection's limits. Every frame takes from the connection's frame budget; messages
     and renames from their sender's buckets (and messages also from their address's, shared by
     everyone behind it). Typing beyond its limit is dropped silently (it is only a hint); the
     rest gets `rate_limited` with `retry_after`. A sender that keeps going after many warnings is
-    flooding, and its connection is closed.
+    `flooding`, and its connection is closed.
 
     Shared buckets are looked up in the ledger at each use, not kept: the ledger forgets full
     buckets, and a kept one would then no longer be the one the sender's other sockets use.
@@ -115,6 +115,7 @@ class RateLimits:
 
     __slots__ = (
         "address_key",
+        "flooding",
         "frames",
         "ledger",
         "messages",
@@ -132,23 +133,24 @@ class RateLimits:
         self.settings = settings
         self.ledger = ledger
         self.sender = sender
+        self.flooding = False  # warned too often: close the connection
         self.address_key = f"address:{sender.address}" if settings.rate_messages_per_address else None
-        self.frames = TokenBucket(settings.rate_frames, 2 * settings.rate_frames)
-        self.typing = TokenBucket(settings.rate_typing, 1)
+        self.frames = bucket(settings.rate_frames, 2 * settings.rate_frames)
+        self.typing = bucket(settings.rate_typing, 1)
         # Anonymous: nothing tells two people behind one address apart but their sockets, so
         # their own budgets (and warnings) are the socket's; the address's budget is shared.
-        self.messages = TokenBucket(settings.rate_messages, settings.rate_messages_burst)
-        self.renames = TokenBucket(settings.rate_renames, settings.rate_renames_burst)
+        self.messages = bucket(settings.rate_messages, settings.rate_messages_burst)
+        self.renames = bucket(settings.rate_renames, settings.rate_renames_burst)
         # Warnings refill one a second: only a sender that ignores them runs out.
-        self.warnings = TokenBucket(1.0 if settings.flood_warnings else 0, settings.flood_warnings)
+        self.warnings = bucket(1.0 if settings.flood_warnings else 0, settings.flood_warnings)
 
-    def _own(self, kind: str, bucket: TokenBucket) -> TokenBucket:
+    def _own(self, kind: str, own: TokenBucket) -> TokenBucket:
         """The sender's bucket of this kind: a token's user shares it across its sockets."""
-        if self.sender.user is None:
-            return bucket
-        return self.ledger.bucket(kind, self.sender.key, bucket.rate, bucket.burst)
+        if self.sender.user is None or own.rate <= 0:
+            return own
+        return self.ledger.bucket(kind, self.sender.key, own.rate, own.burst)
 
-    def check_frame(self, frame: dict) -> Verdict | None:
+    def check_frame(self, frame: dict[str, Any]) -> Rejection | None:
         """Before a frame is even parsed: None if the connection's frame budget allows it."""
         if self.frames.rate <= 0:
             return None
@@ -156,14 +158,18 @@ class RateLimits:
         wait = self.frames.take(1 + size // self.FRAME_BYTES)
         return None if wait == 0 else self.refuse(wait, None, "too many frames")
 
-    def charge_unreadable(self, frame: dict) -> None:
-        """A frame that was not a command costs its full size."""
-        if self.frames.rate > 0:
-            self.frames.charge(len(frame.get("text") or frame.get("bytes") or "") // self.UNREADABLE_BYTES)
-
-    def check(self, command: protocol.Command | Rejection) -> Verdict:
+    def check(
+        self, command: protocol.Command | Rejection, frame: dict[str, Any]
+    ) -> protocol.Command | Rejection | None:
+        """The command if it may go ahead, a `Rejection` to answer, or None: dropped silently."""
+        if isinstance(command, Rejection):
+            if command.code in protocol.UNREADABLE and self.frames.rate > 0:  # it costs its full size
+                self.frames.charge(
+                    len(frame.get("text") or frame.get("bytes") or "") // self.UNREADABLE_BYTES
+                )
+            return command
         if isinstance(command, Typing):
-            return Verdict(command if self.typing.take() == 0 else None)
+            return command if self.typing.take() == 0 else None
         if isinstance(command, SendMessage):
             wait = self._own("messages", self.messages).take()
             if not wait and self.address_key is not None:  # shared by everyone behind the address
@@ -173,21 +179,24 @@ class RateLimits:
         elif isinstance(command, SetUsername):
             wait, what = self._own("renames", self.renames).take(), "renames"
         else:
-            return Verdict(command)
+            return command
         if wait == 0:
-            return Verdict(command)
+            return command
         return self.refuse(wait, getattr(command, "client_msg_id", None), f"too many {what}")
 
-    def check_request(self) -> Verdict | None:
-        """A lobby refresh counts as a message: None if it may go ahead."""
+    def check_request(self, frame: dict[str, Any]) -> Rejection | None:
+        """A lobby refresh (any text frame) counts as a message: None if it may go ahead."""
+        if frame.get("text") is None:
+            return Rejection(ErrorCode.UNSUPPORTED_FRAME, "send text to get the room list")
         wait = self.messages.take()
         return None if wait == 0 else self.refuse(wait, None, "too many requests")
 
-    def refuse(self, wait: float, client_msg_id: str | None, what: str) -> Verdict:
+    def refuse(self, wait: float, client_msg_id: str | None, what: str) -> Rejection:
         retry_after = math.ceil(wait * 1000) / 1000
         reason = f"slow down, {what}: try again in {retry_after} s"
-        rejection = Rejection(ErrorCode.RATE_LIMITED, reason, retry_after, client_msg_id)
-        return Verdict(rejection, flooding=self._own("warnings", self.warnings).take() > 0)
+        if self._own("warnings", self.warnings).take() > 0:
+            self.flooding = True
+        return Rejection(ErrorCode.RATE_LIMITED, reason, retry_after, client_msg_id)
 
 
 def room_creation_bucket(ledger: Ledger, settings: Settings, sender: Sender) -> TokenBucket:

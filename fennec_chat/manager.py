@@ -1,29 +1,40 @@
-"""The room manager: Fennec's WebSocketManager plus usernames, a lobby and a fan-out no client can break."""
+"""The room manager: Fennec's WebSocketManager with usernames, a lobby and a fan-out no client
+can break. Room events go out through the backplane and come back to `deliver_room_event`: on
+one process at once, with Redis after a round trip that puts every process in the same order.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import enum
 import heapq
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from fennec import WebSocket, WebSocketManager
+from fennec import WebSocket
 
 from . import protocol
-from .backplane import Backplane, BackplaneUnavailable, LocalBackplane, RoomEvent, open_backplane
-from .history import History, Stored, sender_digest
+from .backplane import Backplane, LocalBackplane, RoomEvent, open_backplane
+from .fennec_fixes import FanOutManager
+from .gate import ANONYMOUS, Identity
+from .history import History
 from .lobby import LOBBY_ROOMS, Lobby, room_list
 from .outbox import Outbox
 from .protocol import CloseCode, ErrorCode
+from .room_history import RoomHistory
 from .settings import Settings
 
 logger = logging.getLogger("fennec_chat")
 
-MAX_IN_FLIGHT = 64  # a client's messages waiting for the history before its next one waits too
 HELD_PER_OUTBOX_LIMIT = 8  # room events held for a newcomer, in outbox limits (2,048 by default)
+
+
+class Stage(enum.Enum):
+    NEW = "new"  # connected, in no room (yet, or ever: a lobby watcher)
+    CATCHING_UP = "catching up"  # in a room, its history being read: room events are held
+    LIVE = "live"  # in a room, events delivered as they come
 
 
 @dataclass(eq=False, slots=True)
@@ -35,23 +46,61 @@ class Client:
     username: str
     author: str | None  # whose client_msg_ids its messages carry: a token's user or a tab (None: this socket)
     room: str | None = None
-    # While a newcomer's history is being read, room events wait here as (message id, text).
-    held: list[tuple[int | None, str]] | None = None
+    stage: Stage = Stage.NEW
+    held: list[tuple[int | None, str]] | tuple[()] = ()  # (message id, event) while CATCHING_UP
     in_flight: int = 0  # messages sent but not yet stored
     author_digest: str | None = None  # what the history keeps of `author`, made on the first message
 
+    @property
+    def catching_up(self) -> bool:
+        return self.stage is Stage.CATCHING_UP
 
-class ChatManager(WebSocketManager):
-    """Tracks sockets, rooms and usernames, and delivers events without ever awaiting a client.
+    def go_live(self) -> list[tuple[int | None, str]] | tuple[()]:
+        """The events held while catching up; from now on they are delivered as they come."""
+        held, self.held, self.stage = self.held, (), Stage.LIVE
+        return held
 
-    Fennec's `WebSocketManager.broadcast` awaits each socket in turn while iterating a live
-    set, so one slow or vanished client stalls or breaks everyone's delivery. Here every
-    delivery is a non-blocking append to the recipient's `Outbox`, over a snapshot of the
-    recipients, and a client that falls too far behind is closed instead of waited for.
 
-    Room events go out through the backplane and come back to `_deliver_room_event`: on one
-    process at once, with Redis after a round trip that puts every process in the same order.
-    """
+class Connection:
+    """`async with manager.connected(...) as me`: a socket registered on the way in and
+    forgotten on the way out; if it was in a room, the room hears `user_left` exactly once,
+    whatever ended it (a close, a crash, too slow, kicked)."""
+
+    __slots__ = ("client_id", "identity", "manager", "room", "session", "websocket")
+
+    def __init__(
+        self,
+        manager: ChatManager,
+        websocket: WebSocket,
+        room: str,
+        identity: Identity,
+        session: str | None,
+    ) -> None:
+        self.manager, self.websocket, self.room = manager, websocket, room
+        self.identity, self.session = identity, session
+        self.client_id = ""
+
+    async def __aenter__(self) -> Connection:
+        # Whose client_msg_ids its messages carry: the token's user, else the tab, else itself.
+        if self.identity.username:
+            author: str | None = f"user:{self.identity.username}"
+        else:
+            author = f"session:{self.session}" if self.session else None
+        self.client_id = await self.manager.connect(self.websocket, author=author)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.manager.disconnect(self.client_id)
+
+    def is_open(self) -> bool:
+        """False once the server has dropped it (too slow, kicked, flooding)."""
+        return self.client_id in self.manager.clients
+
+
+class ChatManager(FanOutManager):
+    """Sockets, rooms and usernames, and a delivery that never awaits a client: every event is
+    a non-blocking append to the recipient's `Outbox`, over a snapshot of the recipients, and a
+    client that falls too far behind is closed instead of waited for."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()  # connections: id → WebSocket; rooms: name → set of ids (this process)
@@ -59,8 +108,8 @@ class ChatManager(WebSocketManager):
         self.clients: dict[str, Client] = {}
         self.lobby = Lobby(settings.lobby_interval, self._room_list, self._deliver)
         self.backplane: Backplane = LocalBackplane(history=None)  # replaced by start()
-        self._resyncing: asyncio.Task | None = None
-        self._closing: dict[str, Outbox] = {}  # dropped by the server, close frame on its way
+        self.room_history = RoomHistory(self)
+        self._awaiting_close_frame: dict[str, Outbox] = {}  # dropped by the server, close frame on its way
 
     @property
     def history(self) -> History | None:
@@ -69,11 +118,20 @@ class ChatManager(WebSocketManager):
     async def start(self) -> None:
         """Open the backplane (and through it the message history) the settings ask for."""
         self.backplane = open_backplane(self.settings)
-        await self.backplane.start(
-            self._deliver_room_event, self._lobby_changed, self._backplane_state_changed
-        )
+        await self.backplane.start(self)
 
     # --- Connections (Fennec's API, extended) -------------------------------------------------
+
+    def connected(
+        self,
+        websocket: WebSocket,
+        room: str = "",
+        identity: Identity | None = None,
+        session: str | None = None,
+    ) -> Connection:
+        """The socket of a member of `room` (`identity`: from its token; `session`: its tab), or
+        of a lobby watcher (no room)."""
+        return Connection(self, websocket, room, identity or ANONYMOUS, session)
 
     async def connect(
         self, websocket: WebSocket, client_id: str | None = None, author: str | None = None
@@ -92,7 +150,7 @@ class ChatManager(WebSocketManager):
         to go out: once the handler returns, uvicorn drops the connection without one.
         """
         self._drop(client_id)
-        if (closing := self._closing.pop(client_id, None)) is not None:
+        if (closing := self._awaiting_close_frame.pop(client_id, None)) is not None:
             await closing.wait_closed(timeout=5)
 
     def is_connected(self, client_id: str) -> bool:
@@ -104,14 +162,16 @@ class ChatManager(WebSocketManager):
         client = self.clients[client_id]
         client.room = room
         if self.history is not None:
-            client.held = []
+            client.stage, client.held = Stage.CATCHING_UP, []
+        else:
+            client.stage = Stage.LIVE
         self.backplane.join(room, client_id, client.username, first_here=len(self.rooms[room]) == 1)
-        self._lobby_changed()
+        self.lobby.changed()
 
     def leave_room(self, client_id: str, room: str) -> None:
         super().leave_room(client_id, room)
         self.backplane.leave(room, client_id, last_here=room not in self.rooms)
-        self._lobby_changed()
+        self.lobby.changed()
 
     # --- Usernames ----------------------------------------------------------------------------
 
@@ -124,137 +184,39 @@ class ChatManager(WebSocketManager):
         old_name, client.username = client.username, new_name
         if client.room is not None:
             self.backplane.rename(client.room, client_id, new_name)
-            self._lobby_changed()
+            self.lobby.changed()
         return old_name
 
     async def members(self, room: str) -> list[dict[str, str]]:
         """Everyone in `room` (on every process) as {client_id, username}, ordered by name."""
         await self.backplane.ready(room)
         everyone = await self.backplane.members(room)
-        everyone.update({cid: self.clients[cid].username for cid in self.rooms.get(room, ())})
+        everyone.update(self._names(self.rooms.get(room, ())))
         users = [{"client_id": cid, "username": name} for cid, name in everyone.items()]
         return sorted(users, key=lambda user: (user["username"].casefold(), user["client_id"]))
 
-    # --- History ------------------------------------------------------------------------------
+    def _names(self, client_ids: Iterable[str]) -> dict[str, str]:
+        return {cid: self.clients[cid].username for cid in client_ids if cid in self.clients}
+
+    # --- Messages: stored, numbered, then delivered (room_history.py) -------------------------
 
     async def publish(self, room: str, event: dict[str, Any], sender: str) -> None:
-        """Number and store a chat message, then send it to everyone in the room.
-
-        Storing first means a client that reconnects with ?since= finds every message anyone
-        saw; the backplane sends a room's messages in id order. The sender does not wait for
-        the commit (its next messages can share it) unless it has many in flight.
-        """
-        client = self.clients.get(sender)
-        if client is None:
-            author = sender_digest(f"client:{sender}")
-        else:
-            if client.author_digest is None:
-                client.author_digest = sender_digest(client.author or f"client:{sender}")
-            author = client.author_digest
-        stored = self.backplane.publish_message(room, event, author)
-        stored.add_done_callback(functools.partial(self._after_publish, sender, event))
-        if client is not None:
-            client.in_flight += 1
-            if client.in_flight > MAX_IN_FLIGHT:
-                await asyncio.wait([stored])
-
-    def _after_publish(self, sender: str, event: dict[str, Any], stored: asyncio.Future[Stored]) -> None:
-        if (client := self.clients.get(sender)) is not None:
-            client.in_flight -= 1
-        problem = stored.exception() if not stored.cancelled() else asyncio.CancelledError()
-        if problem is not None:
-            if isinstance(problem, BackplaneUnavailable):
-                error = protocol.error(
-                    ErrorCode.BACKPLANE_UNAVAILABLE, "the chat is reconnecting; send it again"
-                )
-            else:
-                logger.error("could not store a message: %r", problem)
-                error = protocol.error(ErrorCode.HISTORY_UNAVAILABLE, "the message could not be stored")
-            if "client_msg_id" in event:
-                error["client_msg_id"] = event["client_msg_id"]
-            self._deliver(protocol.encode(error), (sender,))
-        elif stored.result().duplicate:
-            # A resend of a message we already have: only the sender hears of it, as its receipt.
-            self._deliver(stored.result().text, (sender,))
+        await self.room_history.publish(room, event, sender)
 
     async def send_history(self, client_id: str, room: str, since: int | None, epoch: str | None) -> None:
-        """Send `history`, then release the room events held since `join_room`.
+        await self.room_history.send_history(client_id, room, since, epoch)
 
-        The client joined the room before the history was read, so nothing published meanwhile
-        is missed; messages that are both in the history and held are sent once.
-        """
-        client = self.clients.get(client_id)
-        if client is None or client.held is None or self.history is None:
-            return
-        await self.backplane.ready(room)
-        settings = self.settings
-        try:
-            if since is None:
-                page = await self.history.recent(room, settings.history_on_join)
-            else:
-                page = await self.history.since(room, since, epoch, settings.history_resume_max)
-        except Exception as problem:
-            logger.error("could not read the history of room %s: %r", room, problem)
-            page = None
-        if self.clients.get(client_id) is not client:
-            return  # it left while we were reading
-        held, client.held = client.held, None
-        if page is None:
-            error = protocol.error(ErrorCode.HISTORY_UNAVAILABLE, "history could not be read")
-            self._deliver(protocol.encode(error), (client_id,))
-            newest_sent = 0
-        else:
-            event = protocol.history(room, page.messages, page.epoch, page.truncated, page.reset)
-            self._deliver(protocol.encode(event), (client_id,))
-            if page.messages:
-                newest_sent = page.messages[-1]["id"]
-            elif since is not None and not page.reset:
-                newest_sent = since
-            else:
-                newest_sent = 0
-        for message_id, text in held:
-            if message_id is None or message_id > newest_sent:
-                self._deliver(text, (client_id,))
+    # --- Delivery -----------------------------------------------------------------------------
 
-    # --- Delivery (Fennec's API, made safe) ---------------------------------------------------
+    def _publish_to_room(self, room: str, text: str, exclude: str | None) -> None:
+        self.backplane.publish(RoomEvent(room, text, exclude=exclude))
 
-    async def send_message(self, client_id: str, message: str) -> None:
-        self._deliver(message, (client_id,))
-
-    async def send_json(self, client_id: str, data: Any) -> None:
-        self._deliver(protocol.encode(data), (client_id,))
-
-    async def broadcast(self, message: str, room: str | None = None, exclude: str | None = None) -> None:
-        if room is None:  # everyone on this process
-            self._deliver(message, [cid for cid in self.clients if cid != exclude])
-        else:
-            self.backplane.publish(RoomEvent(room, message, exclude=exclude))
-
-    async def broadcast_json(self, data: Any, room: str | None = None, exclude: str | None = None) -> None:
-        await self.broadcast(protocol.encode(data), room, exclude)
-
-    def _deliver_room_event(self, event: RoomEvent) -> None:
+    def deliver_room_event(self, event: RoomEvent) -> None:
         """The backplane hands a room event back: give it to this process's members of the room."""
         recipients = [cid for cid in self.rooms.get(event.room, ()) if cid != event.exclude]
         self._deliver(event.text, recipients, room_event=True, message_id=event.message_id)
         if event.kick is not None and event.kick in self.rooms.get(event.room, ()):
             self._drop(event.kick, close=(CloseCode.KICKED, "kicked"), discard=False)
-
-    # --- Moderation ---------------------------------------------------------------------------
-
-    async def kick(self, room: str, target: str, by: str) -> protocol.Rejection | None:
-        """Remove a client from the room, on whichever process it is: the room gets a system
-        line, the client a close frame (4001, "kicked"), and then its user_left."""
-        members = {user["client_id"]: user["username"] for user in await self.members(room)}
-        if target not in members:
-            return protocol.Rejection(ErrorCode.NOT_FOUND, "nobody with that client_id is in this room")
-        notice = protocol.encode(protocol.kicked(members[target], target, by))
-        self.backplane.publish(RoomEvent(room, notice, kick=target))
-        return None
-
-    async def close(self, client_id: str, code: int, reason: str) -> None:
-        """Close a client's socket (after what is already queued for it) and forget it."""
-        self._drop(client_id, close=(code, reason), discard=False)
 
     def _deliver(
         self, text: str, recipients: Iterable[str], room_event: bool = False, message_id: int | None = None
@@ -272,8 +234,8 @@ class ChatManager(WebSocketManager):
             client = clients.get(client_id)
             if client is None:
                 continue
-            if room_event and client.held is not None:
-                client.held.append((message_id, text))
+            if room_event and client.stage is Stage.CATCHING_UP:
+                client.held.append((message_id, text))  # type: ignore[union-attr]
                 # Held while its history is read: our delay, not the client's. When a whole
                 # room reconnects at once (after a restart), each newcomer's history waits
                 # behind everyone else's and meanwhile gets everyone's user_joined.
@@ -295,41 +257,43 @@ class ChatManager(WebSocketManager):
             client.outbox.stop()
         else:
             client.outbox.close(*close, discard=discard)
-            self._closing[client_id] = client.outbox
+            self._awaiting_close_frame[client_id] = client.outbox
         if client.room is not None:
             self.leave_room(client_id, client.room)
             left = protocol.encode(protocol.user_left(client.username, client_id))
             self.backplane.publish(RoomEvent(client.room, left))
 
-    def _backplane_state_changed(self, connected: bool, reset_rooms: set[str]) -> None:
-        """Redis went away (tell everyone) or came back (refresh everyone's view)."""
-        chat_clients = [client for client in self.clients.values() if client.room is not None]
-        if not connected:
-            error = protocol.error(
-                ErrorCode.BACKPLANE_UNAVAILABLE, "lost contact with the other chat servers; reconnecting"
-            )
-            self._deliver(protocol.encode(error), [client.id for client in chat_clients])
-            return
-        rooms = {client.room for client in chat_clients if client.room is not None}
-        self._resyncing = asyncio.create_task(self._resync(rooms, reset_rooms))
+    # --- Moderation ---------------------------------------------------------------------------
 
-    async def _resync(self, rooms: set[str], reset_rooms: set[str]) -> None:
-        """Everyone here gets a fresh `presence` (and, where the history was replaced, a `history`
-        with reset: true) after the backplane was away; presence again a heartbeat later, once
-        the other processes have re-announced their clients too."""
-        await self._send_presence_and_resets(rooms, reset_rooms)
-        await asyncio.sleep(self.settings.redis_heartbeat)
-        await self._send_presence_and_resets(rooms & set(self.rooms), set())
+    async def kick(self, room: str, target: str, by: str) -> protocol.Rejection | None:
+        """Remove a client from the room, on whichever process it is: the room gets a system
+        line, the client a close frame (4001, "kicked"), and then its user_left."""
+        members = {user["client_id"]: user["username"] for user in await self.members(room)}
+        if target not in members:
+            return protocol.Rejection(ErrorCode.NOT_FOUND, "nobody with that client_id is in this room")
+        notice = protocol.encode(protocol.kicked(members[target], target, by))
+        self.backplane.publish(RoomEvent(room, notice, kick=target))
+        return None
 
-    async def _send_presence_and_resets(self, rooms: set[str], reset_rooms: set[str]) -> None:
-        for room in rooms:
-            presence = protocol.encode(protocol.presence(room, await self.members(room)))
-            local = tuple(self.rooms.get(room, ()))
-            self._deliver(presence, local)
-            if room in reset_rooms and self.history is not None:
-                page = await self.history.recent(room, self.settings.history_on_join)
-                event = protocol.history(room, page.messages, page.epoch, page.truncated, reset=True)
-                self._deliver(protocol.encode(event), local)
+    async def close(self, client_id: str, code: int, reason: str) -> None:
+        """Close a client's socket (after what is already queued for it) and forget it."""
+        self._drop(client_id, close=(code, reason), discard=False)
+
+    # --- The backplane's news (backplane.Listener) --------------------------------------------
+
+    def lobby_changed(self) -> None:
+        self.lobby.changed()
+
+    def backplane_lost(self) -> None:
+        """Redis went away: everyone in a room hears of it."""
+        error = protocol.error(
+            ErrorCode.BACKPLANE_UNAVAILABLE, "lost contact with the other chat servers; reconnecting"
+        )
+        in_rooms = [client.id for client in self.clients.values() if client.room is not None]
+        self._deliver(protocol.encode(error), in_rooms)
+
+    async def backplane_back(self, rooms: set[str], reset_rooms: set[str]) -> None:
+        await self.room_history.start_over(rooms, reset_rooms)
 
     # --- Lobby --------------------------------------------------------------------------------
 
@@ -354,22 +318,20 @@ class ChatManager(WebSocketManager):
         ]
         return room_list(rooms, listed.total)
 
-    def _names(self, client_ids: Iterable[str]) -> dict[str, str]:
-        return {cid: self.clients[cid].username for cid in client_ids if cid in self.clients}
-
-    def _lobby_changed(self) -> None:
-        self.lobby.changed()
-
     # --- Health and shutdown ------------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
+        """For /health: ok or degraded (the backplane is away), and counts of this process."""
+        backplane = self.backplane.state()
         return {
+            "tasks": len(asyncio.all_tasks()),
+            "status": "ok" if backplane["connected"] else "degraded",
             "connections": len(self.connections),
             "rooms": len(self.rooms),
             "chat_clients": len(self.clients) - len(self.lobby.watchers),
             "lobby_clients": len(self.lobby.watchers),
             "queued_events": sum(client.outbox.queued for client in self.clients.values()),
-            "backplane": self.backplane.state(),
+            "backplane": backplane,
         }
 
     async def shutdown(self) -> None:

@@ -7,14 +7,19 @@ import re
 from pathlib import Path
 
 from .protocol import Command, Rejection, SendMessage, SetUsername
+from .settings import Settings
 
 
 class WordFilter:
-    """Masks blocked words with `*`: whole words, any case. Empty until `load`ed."""
+    """Masks blocked words with `*`: whole words, any case. Empty until `start`ed or `load`ed."""
 
-    def __init__(self, words: list[str] | None = None) -> None:
+    def __init__(self, settings: Settings | None = None) -> None:
         self._pattern: re.Pattern[str] | None = None
-        self.use(words or [])
+        self._settings = settings  # its --blocklist is read at start, after the flags are applied
+
+    async def start(self) -> None:
+        if self._settings is not None and self._settings.blocklist:
+            self.load(self._settings.blocklist)
 
     def load(self, path: str) -> None:
         """One word a line; blank lines and lines starting with # are skipped."""

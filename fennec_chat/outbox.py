@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 from collections.abc import Callable
 
 from fennec import WebSocket
 
-from .wsprotocol import WRITE_NOW
+# The ASGI scope extension through which a server may offer a synchronous write: a callable
+# that writes one UTF-8 text frame unless that would mean waiting (then it returns False).
+# fennec_chat/uvicorn_websocket.py offers it; under any other server the outbox does without.
+WRITE_NOW = "fennec_chat.write_now"
+
+
+class OutboxState(enum.Enum):
+    OPEN = "open"  # events are written or queued
+    CLOSING = "closing"  # a close frame goes out (after what is queued, unless discarded); no new events
+    STOPPED = "stopped"  # the connection has ended or failed: nothing more is written
 
 
 class Outbox:
@@ -22,9 +32,8 @@ class Outbox:
     """
 
     __slots__ = (
-        "_accepting",
         "_byte_limit",
-        "_closing",
+        "_close_frame",
         "_limit",
         "_pending",
         "_pending_bytes",
@@ -32,26 +41,27 @@ class Outbox:
         "_websocket",
         "_write_now",
         "_writer",
+        "state",
     )
 
     def __init__(self, websocket: WebSocket, limit: int, byte_limit: int) -> None:
         self._websocket = websocket
         self._limit = limit  # events...
         self._byte_limit = byte_limit  # ...and their bytes: a few big room lists count as much
+        self.state = OutboxState.OPEN
         # A list, not a deque: an empty deque costs 600 bytes per connection, and an outbox is
         # nearly always empty or a few events long, where popping from the front is as cheap.
         self._pending: list[tuple[str, int]] = []  # (event, its size in bytes)
         self._pending_bytes = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._closing: tuple[int, str] | None = None
-        self._accepting = True  # False once closing, or once the socket turned out to be gone
+        self._close_frame: tuple[int, str] | None = None  # (code, reason) once CLOSING
+        self._waiter: asyncio.Future[None] | None = None  # set while the writer is idle
         self._write_now: Callable[[bytes], bool] | None = websocket.scope.get("extensions", {}).get(WRITE_NOW)
         self._writer = asyncio.create_task(self._write_until_closed())
 
     def put(self, text: str, data: bytes) -> bool:
         """Send or queue one encoded event (`data` is `text` in UTF-8). False means the client
         is too far behind to keep."""
-        if not self._accepting:
+        if self.state is not OutboxState.OPEN:
             return True  # the socket is closing or gone: late events have nobody to reach
         # Straight to the socket only when the writer is idle: it keeps the order otherwise.
         if self._waiter is not None and self._write_now is not None and self._write_now(data):
@@ -70,21 +80,23 @@ class Outbox:
     def close(self, code: int, reason: str, discard: bool = True) -> None:
         """Send a close frame as soon as the socket takes it, after what is queued unless
         `discard` (a client that stopped reading will not read what is queued anyway)."""
-        self._accepting = False
+        if self.state is not OutboxState.OPEN:
+            return
+        self.state = OutboxState.CLOSING
         if discard:
             self._discard()
-        self._closing = (code, reason)
+        self._close_frame = (code, reason)
         self._wake_writer()
 
     def stop(self) -> None:
-        """The connection has ended: stop writing (a pending close frame may still go out).
+        """The connection has ended: stop writing (a close frame asked for may still go out).
 
         The writer is woken to return, not cancelled: a cancelled task keeps its exception,
         whose traceback keeps the task's frame and this outbox, a cycle that only the garbage
         collector frees, and meanwhile every closed connection's memory stays in use.
         """
-        if self._closing is None:
-            self._accepting = False
+        if self.state is OutboxState.OPEN:
+            self.state = OutboxState.STOPPED
             self._discard()
             self._wake_writer()
 
@@ -122,14 +134,15 @@ class Outbox:
                     # would keep the last event of every idle connection in memory.
                     self._pending_bytes -= pending[0][1]
                     await send({"type": "websocket.send", "text": pending.pop(0)[0]})
-                if self._closing is not None:
-                    await self._websocket.close(*self._closing)
+                if self.state is OutboxState.CLOSING:
+                    assert self._close_frame is not None
+                    await self._websocket.close(*self._close_frame)
                     return
-                if not self._accepting:  # stopped
+                if self.state is OutboxState.STOPPED:
                     return
                 self._waiter = loop.create_future()
                 await self._waiter
         except Exception:
             # The peer vanished mid-send; its receive loop sees the disconnect and cleans up.
-            self._accepting = False
+            self.state = OutboxState.STOPPED
             self._discard()

@@ -198,6 +198,7 @@ def test_a_users_budget_stays_shared_when_the_ledger_forgets_full_buckets():
     first = RateLimits(settings, ledger, Sender("10.0.0.1", user="alice"))
     ledger.sweep()  # every bucket is full: all are forgotten
     second = RateLimits(settings, ledger, Sender("10.0.0.2", user="alice"))
+    frame = {"type": "websocket.receive", "text": '{"type": "send_message", "text": "hi"}'}
     for _ in range(10):
-        assert first.check(SendMessage("hi")).command == SendMessage("hi")
-    assert second.check(SendMessage("hi")).command.code == "rate_limited"
+        assert first.check(SendMessage("hi"), frame) == SendMessage("hi")
+    assert second.check(SendMessage("hi"), frame).code == "rate_limited"

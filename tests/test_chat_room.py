@@ -19,8 +19,18 @@ def assert_recent_utc(timestamp: str) -> None:
 async def test_newcomer_gets_welcome_then_presence_with_itself(server, room):
     alice = await server.connect(f"/ws/chat/{room}?username=alice")
     welcome = await alice.expect("system", message=f"Welcome to room '{room}'!")
-    assert set(welcome) == {"type", "message", "client_id", "timestamp", "limits"}
-    assert set(welcome["limits"]) == {"messages_per_second", "messages_burst"}
+    assert set(welcome) == {"type", "kind", "message", "client_id", "timestamp", "limits"}
+    assert welcome["kind"] == "welcome"
+    assert set(welcome["limits"]) == {
+        "messages_per_second",
+        "messages_burst",
+        "renames_per_second",
+        "renames_burst",
+        "typing_per_second",
+        "message_chars",
+        "username_chars",
+        "room_chars",
+    }
     assert_recent_utc(welcome["timestamp"])
 
     presence = await alice.expect("presence", room=room)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from fennec_chat.history import SQLiteHistory
+from fennec_chat.sqlite_history import SQLiteHistory
 
 
 @pytest.fixture

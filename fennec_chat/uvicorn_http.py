@@ -45,7 +45,7 @@ def response(status: str, reason: str) -> bytes:
     return head.encode() + body
 
 
-class GuardedHttpProtocol(HttpToolsProtocol):
+class BoundedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with a deadline and a size limit for every request."""
 
     # Worker processes (--workers) read their settings from the environment, where the parent

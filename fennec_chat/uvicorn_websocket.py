@@ -12,18 +12,17 @@ from websockets.http11 import Request
 from websockets.protocol import State
 
 from .limits import TokenBucket
+from .outbox import WRITE_NOW
 from .protocol import CloseCode
-
-# The ASGI scope extension through which this protocol offers `write_now` to the app.
-WRITE_NOW = "fennec_chat.write_now"
 
 PONG_BACKLOG = 64 * 1024  # bytes of pongs waiting for a peer that does not read, before we give up
 PINGS_PER_SECOND, PING_BURST = 2.0, 20  # a browser sends none; a library one every few seconds
 ABORT_AFTER = 10.0  # seconds a closing socket may take to flush before it is dropped
 
 
-class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio protocol with a synchronous write and less memory.
+class WriteNowWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol with a synchronous write (`write_now`), less memory
+    per idle connection, bounded pongs and a keepalive timeout that says what happened.
 
     An ASGI `send` is a coroutine, so an app that fans one event out to a room needs a task
     per recipient to await it. This protocol also offers `write_now` through the scope's
