@@ -22,16 +22,7 @@ from fennec_chat.gate import Gate, Refusal
 from fennec_chat.manager import ChatManager, Connection
 from fennec_chat.moderation import WordFilter
 from fennec_chat.page import read_page
-from fennec_chat.protocol import (
-    CloseCode,
-    ErrorCode,
-    JoinRequest,
-    Kick,
-    Rejection,
-    SendMessage,
-    SetUsername,
-    Typing,
-)
+from fennec_chat.protocol import CloseCode, ErrorCode
 from fennec_chat.settings import Settings
 
 settings = Settings.from_environ()  # `python server.py --flags` applies its flags on top
@@ -61,26 +52,27 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
                 return
             limits = gate.limits(admission)
             async for frame in incoming(websocket, me.is_open):  # raw frames: every bad one is answered
-                # The frame budget first (before any parsing), then parse (never raises), mask
-                # blocked words, and the per-command limits.
-                parsed = protocol.parse_command(frame, settings)
-                command = limits.check_frame(frame) or limits.check(words.apply(parsed), frame)
+                # The frame budget first, before any parsing; then parse (never raises), mask
+                # blocked words, and apply the per-command limits.
+                command = limits.check_frame(frame) or limits.check(
+                    words.apply(protocol.parse_command(frame, settings)), frame
+                )
                 match command:
-                    case SendMessage():
+                    case protocol.SendMessage():
                         await send_message(me, command)
-                    case SetUsername():
+                    case protocol.SetUsername():
                         await set_username(me, command)
-                    case Typing():
+                    case protocol.Typing():
                         await typing(me)
-                    case Kick():
+                    case protocol.Kick():
                         await kick(me, command)
-                    case Rejection():  # bad input is answered, never fatal
+                    case protocol.Rejection():  # bad input is answered, never fatal
                         await manager.send_json(me.client_id, command.event())
                 if limits.flooding:  # warned again and again: no longer a person typing
                     await manager.close(me.client_id, CloseCode.POLICY_VIOLATION, "flooding: too many frames")
 
 
-async def greet(me: Connection, join: JoinRequest) -> bool:
+async def greet(me: Connection, join: protocol.JoinRequest) -> bool:
     """Join the room and tell the newcomer where it is; then tell the room. False: it is gone."""
     if name := me.identity.username or join.username:  # a token's name wins
         manager.rename(me.client_id, words.mask(name))
@@ -105,14 +97,14 @@ async def greet(me: Connection, join: JoinRequest) -> bool:
 # *broadcast*: they matter now, not later, and nothing keeps them.
 
 
-async def send_message(me: Connection, message: SendMessage) -> None:
+async def send_message(me: Connection, message: protocol.SendMessage) -> None:
     event = protocol.chat_message(
         manager.username(me.client_id), message.text, me.client_id, message.client_msg_id
     )
     await manager.publish(me.room, event, sender=me.client_id)
 
 
-async def set_username(me: Connection, rename: SetUsername) -> None:
+async def set_username(me: Connection, rename: protocol.SetUsername) -> None:
     if me.identity.username:
         await manager.send_json(
             me.client_id, protocol.error(ErrorCode.USERNAME_LOCKED, "your name comes from your token")
@@ -128,7 +120,7 @@ async def typing(me: Connection) -> None:
     await manager.broadcast_json(event, room=me.room, exclude=me.client_id)  # not back to the typist
 
 
-async def kick(me: Connection, kick: Kick) -> None:
+async def kick(me: Connection, kick: protocol.Kick) -> None:
     if not me.identity.admin:
         await manager.send_json(me.client_id, protocol.error(ErrorCode.FORBIDDEN, "only an admin may kick"))
     elif problem := await manager.kick(me.room, kick.client_id, by=manager.username(me.client_id)):

@@ -7,8 +7,10 @@ says which workaround to delete. The README lists them under "Fennec 0.3.0 cavea
 1. `Application.handle_lifespan` acknowledges startup and shutdown without running anything:
    `ChatApplication` adds `on_startup` and `on_shutdown` hooks.
 2. `Application.handle_websocket` refuses an unknown path before the handshake (a browser
-   then sees only 1006, no reason) and swallows handler exceptions without a trace:
-   `ChatApplication` accepts, closes with 1008 and a reason, and logs what failed.
+   then sees only 1006, no reason) and swallows handler exceptions without a trace (1011
+   "Internal Error" after the accept; before it, nothing, and uvicorn answers 500):
+   `ChatApplication` accepts, closes with 1008 and a reason, and logs what failed. (Our
+   handlers accept first, so nothing can fail before the accept.)
 3. `Router.match` cannot tell a wrong method from an unknown path, so both get 404:
    `ChatApplication` answers 405 with `Allow`. (It also adds `nosniff` to every response.)
 4. `Application(docs_enabled=True)`, the default, serves a /docs page that loads Swagger UI
@@ -16,22 +18,27 @@ says which workaround to delete. The README lists them under "Fennec 0.3.0 cavea
 5. `WebSocket.receive_json` raises on bad JSON and skips binary frames: `incoming` reads the
    ASGI frames themselves, so that every bad frame gets an answer.
 6. `WebSocketManager.broadcast` awaits each socket in turn while iterating the live set of a
-   room: one slow client stalls everyone, one dead socket aborts the rest of the fan-out, a
-   leave mid-broadcast raises "Set changed size during iteration". `FanOutManager` keeps the
+   room (or the `connections` dict): one slow client stalls everyone, one dead socket aborts
+   the rest of the fan-out, a leave mid-broadcast raises "Set (or dictionary) changed size
+   during iteration"; and `room=""` broadcasts to everyone. `FanOutManager` keeps the
    API and routes every send through `_deliver`, which never awaits a socket.
 7. `WebSocket` has no accessor for the query string: `query_params`.
 8. Private or undocumented parts read here: `Application._websocket_routers`, `Router.routes`
    (each route's `pattern` and `methods`), the path parameters `WebSocketRouter.match` leaves
-   on the shared route object (read at once, before anything awaits), and `WebSocket.send`,
+   on the shared route object (copied at once: the next match overwrites them; and a request
+   for the template path itself, `/ws/chat/%7Broom%7D`, matches exactly and would get the
+   *previous* connection's room: it gets the literal `{room}`, which the gate refuses), and
+   `WebSocket.send`,
    the raw ASGI send (outbox.py: `send_text` adds a state check and a coroutine per event).
-9. `fennec.security` imports `bcrypt`, which fennec-framework 0.3.0 does not declare:
-   pyproject.toml asks for it.
+9. `fennec.security` imports `bcrypt`, which fennec-framework 0.3.0 requires only in its
+   `full` extra (with redis, prometheus-client, psutil…): pyproject.toml asks for bcrypt alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -115,8 +122,12 @@ class ChatApplication(Application):
             return
 
         websocket = WebSocket(scope, receive, send)
+        if route.path == scope["path"]:  # the template itself (/ws/chat/%7Broom%7D): see (8)
+            params = {name: f"{{{name}}}" for name in re.findall(r"\{(\w+)\}", route.path)}
+        else:
+            params = dict(route.path_params)  # read at once: the next match overwrites them
         try:
-            await route.handler(websocket, **route.path_params)
+            await route.handler(websocket, **params)
         except Exception:
             logger.exception("WebSocket handler for %s failed", scope["path"])
             with contextlib.suppress(Exception):  # the socket may be gone already

@@ -152,6 +152,19 @@ async def test_invalid_room_name_is_accepted_then_closed_with_1008_and_a_reason(
     assert "room name" in reason
 
 
+async def test_the_route_template_as_a_room_name_is_refused_not_the_previous_room(server, room):
+    # Fennec 0.3.0 matches /ws/chat/{room} (sent as %7Broom%7D) exactly, with the path
+    # parameters of the previous connection still on the route: it must not land in that room.
+    alice = await server.connect(f"/ws/chat/{room}?username=alice")
+    await alice.joined()
+    intruder = await server.connect("/ws/chat/%7Broom%7D?username=mallory")
+    code, reason = await intruder.close_code()
+    assert code == 1008
+    assert "room name" in reason
+    await alice.expect_silence(0.5)  # no user_joined, no presence change
+    await alice.close()
+
+
 @pytest.mark.parametrize("path", ["/ws/chat/", "/ws/chat/a%2Fb", "/ws/nowhere", "/ws/chat/a/b"])
 async def test_unknown_websocket_endpoint_is_closed_with_1008_and_a_reason(server, path):
     client = await server.connect(path)
