@@ -32,9 +32,10 @@ XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
 class ChatPage:
     """One person with the chat page open, in a browser context of their own."""
 
-    def __init__(self, page: Page, problems: PageProblems) -> None:
+    def __init__(self, page: Page, problems: PageProblems, sent: list[dict] | None = None) -> None:
         self.page = page
         self.problems = problems
+        self.sent = sent if sent is not None else []  # what the page sent on its chat sockets
 
     @classmethod
     async def open(
@@ -47,8 +48,10 @@ class ChatPage:
         page = await context.new_page()
         problems = PageProblems()
         problems.watch(page)
+        sent: list[dict] = []
+        page.on("websocket", lambda ws: record_frames(ws, sent) if "/ws/chat/" in ws.url else None)
         await page.goto(url)
-        chat_page = cls(page, problems)
+        chat_page = cls(page, problems, sent)
         await chat_page.wait_connected()
         return chat_page
 
@@ -75,9 +78,23 @@ class ChatPage:
         await self.page.fill("#message-input", text)
         await self.page.press("#message-input", "Enter")
 
+    def sent_of(self, kind: str) -> list[dict]:
+        return [frame for frame in self.sent if frame.get("type") == kind]
+
     async def close(self) -> None:
         assert self.problems.errors == [], self.problems.errors
         await self.page.context.close()
+
+
+def record_frames(ws, sent: list[dict]) -> None:
+    def record(payload: str | bytes) -> None:
+        try:
+            frame = json.loads(payload)
+        except ValueError:  # a test's deliberately broken frame
+            frame = None
+        sent.append(frame if isinstance(frame, dict) else {"unreadable": payload})
+
+    ws.on("framesent", record)
 
 
 def page_url(server: ServerProcess, room: str) -> str:
@@ -753,3 +770,141 @@ async def test_a_kicked_page_says_so_and_does_not_come_back(browser, token_serve
     assert attempts == []
     await admin.close()
     await bob.close()
+
+
+# --- The page's limits come from the server's welcome ----------------------------------------
+
+
+async def test_page_takes_its_message_limit_from_the_welcome(browser, start_server, room):
+    server = start_server("--max-message-chars", "10")
+    alice = await ChatPage.open(browser, page_url(server, room))
+    composer = alice.page.locator("#message-input")
+    await expect(composer).to_have_attribute("maxlength", "10")
+    await alice.page.type("#message-input", "0123456789 and more")
+    await expect(composer).to_have_value("0123456789")  # typing stops at the limit
+    # A longer text that got there some other way (a script, an extension) is refused at once.
+    await composer.evaluate("node => { node.value = 'ten and one'; }")
+    await alice.page.press("#message-input", "Enter")
+    await expect(alice.page.locator("#notices .notice")).to_have_text(
+        "Messages are limited to 10 characters."
+    )
+    await expect(composer).to_have_value("ten and one")  # kept, to shorten
+    assert alice.sent_of("message") == []
+    await alice.page.fill("#message-input", "ten chars!")
+    await alice.page.press("#message-input", "Enter")
+    await expect(alice.message_with("ten chars!")).not_to_have_class(re.compile("pending"))
+    await alice.close()
+
+
+async def test_page_takes_its_username_limit_from_the_welcome(browser, start_server, room):
+    server = start_server("--max-username-chars", "5")
+    alice = await ChatPage.open(browser, page_url(server, room))
+    name, error = alice.page.locator("#name-input"), alice.page.locator("#name-error")
+    await expect(name).to_have_attribute("maxlength", "5")
+    await alice.set_name("")
+    await expect(error).to_have_text("Use 1\u20135 characters.")
+    await name.evaluate("node => { node.value = 'Alexander'; }")  # past the field's own limit
+    await alice.page.press("#name-input", "Enter")
+    await expect(error).to_have_text("Use 1\u20135 characters.")
+    await alice.page.fill("#name-input", "")
+    await alice.page.type("#name-input", "Alexander")
+    await expect(name).to_have_value("Alexa")
+    await alice.page.press("#name-input", "Enter")
+    await expect(alice.page.locator("#user-list")).to_contain_text("Alexa")
+    await expect(error).to_have_text("")
+    assert [frame["username"] for frame in alice.sent_of("set_username")] == ["Alexa"]
+    await alice.close()
+
+
+async def test_page_takes_its_room_name_limit_from_the_welcome(browser, start_server):
+    server = start_server("--max-room-chars", "8")
+    alice = await ChatPage.open(browser, page_url(server, "short"))
+    field, error = alice.page.locator("#room-input"), alice.page.locator("#room-error")
+    await expect(field).to_have_attribute("maxlength", "8")
+    await field.evaluate("node => { node.value = 'ninechars'; }")
+    await alice.page.press("#room-input", "Enter")
+    await expect(error).to_have_text("Use 1\u20138 letters, digits, '-', '_' or '.'.")
+    await expect(alice.page.locator("#room-name")).to_have_text("short")  # stayed, not refused
+    await expect(alice.status).to_have_attribute("data-state", "connected")
+    await field.fill("")
+    await alice.page.type("#room-input", "ninechars")
+    await expect(field).to_have_value("ninechar")
+    await alice.page.press("#room-input", "Enter")
+    await expect(alice.page.locator("#room-name")).to_have_text("ninechar")
+    await alice.wait_connected()
+    await expect(error).to_have_text("")
+    await alice.close()
+
+
+async def test_page_paces_its_typing_notices_to_the_welcomes_limit(browser, start_server, room):
+    server = start_server("--rate-typing", "0.2", limits=True)  # one notice every 5 s
+    alice = await ChatPage.open(browser, page_url(server, room), name="Alice")
+    bob = await ChatPage.open(browser, page_url(server, room))
+    await alice.page.click("#message-input")
+    for _ in range(14):  # about 4 s of typing: one notice, not one every 2 s
+        await alice.page.keyboard.type("a")
+        await asyncio.sleep(0.25)
+    assert len(alice.sent_of("typing")) == 1
+    # Bob's page knows the next one cannot come sooner: the one it has still shows...
+    assert await bob.page.locator("#typing").text_content() == "Alice is typing…"
+    # ...until it would have come, and a moment more.
+    await expect(bob.page.locator("#typing")).to_have_text("", timeout=5_000)
+    await alice.close()
+    await bob.close()
+
+
+async def test_page_paces_renames_to_the_welcomes_limit(browser, start_server, room):
+    server = start_server("--rate-renames", "0.1", "--rate-renames-burst", "1", limits=True)
+    alice = await ChatPage.open(browser, page_url(server, room))
+    await alice.set_name("Ann")
+    await expect(alice.page.locator("#user-list")).to_contain_text("Ann")
+    await alice.set_name("Bea")  # a second one within 10 s: said next to the field, not sent
+    await expect(alice.page.locator("#name-error")).to_have_text(
+        re.compile(r"^Too many name changes: try again in (9|10) s\.$")
+    )
+    assert [frame["username"] for frame in alice.sent_of("set_username")] == ["Ann"]
+    await expect(alice.page.locator("#notices .notice")).to_have_count(0)
+    await alice.close()
+
+
+async def open_with_chat_route(browser: Browser, url: str, before_first: list[dict]) -> ChatPage:
+    """Open the page with `before_first` slipped in ahead of each chat socket's first event."""
+    context = await browser.new_context()
+    page = await context.new_page()
+    problems = PageProblems()
+    problems.watch(page)
+
+    def route(page_side) -> None:
+        server_side = page_side.connect_to_server()
+        pending = list(before_first)
+
+        def from_server(message) -> None:
+            while pending:
+                page_side.send(json.dumps(pending.pop(0)))
+            page_side.send(message)
+
+        server_side.on_message(from_server)
+
+    await page.route_web_socket(re.compile(r"/ws/chat/"), route)
+    await page.goto(url)
+    chat_page = ChatPage(page, problems)
+    await chat_page.wait_connected()
+    return chat_page
+
+
+async def test_page_tells_its_welcome_by_kind_and_shows_other_system_lines(browser, server, room):
+    notice = {"type": "system", "message": "Maintenance at noon", "timestamp": "2024-01-01T11:00:00+00:00"}
+    alice = await open_with_chat_route(browser, page_url(server, room), [notice])
+    # The notice came first, yet the welcome is still the welcome: we know who we are.
+    await expect(alice.page.locator("#messages .system-line")).to_have_text(
+        ["Maintenance at noon", f"Welcome to room '{room}'!"]
+    )
+    await expect(alice.page.locator("#user-list")).to_contain_text("(you)")
+    await alice.close()
+
+
+async def test_page_ignores_events_of_a_type_it_does_not_know_even_built_in_names(browser, server, room):
+    odd = [{"type": kind} for kind in ("__proto__", "constructor", "toString", "no_such_type")]
+    alice = await open_with_chat_route(browser, page_url(server, room), [*odd, {"no type": 1}])
+    await expect(alice.page.locator("#messages .system-line")).to_have_text([f"Welcome to room '{room}'!"])
+    await alice.close()  # asserts that no script error happened
