@@ -89,7 +89,8 @@ class Lobby:
 
     async def _push_to_watchers(self) -> None:
         if self.watchers:
-            await self._rebuild()
+            if self._stale or self._text is None:  # `current()` may have rebuilt it meanwhile
+                await self._rebuild()
             if self._text is not None:
                 self._deliver(self._text, tuple(self.watchers))
 
