@@ -20,6 +20,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 from bench.load import (
     Room,
@@ -83,6 +84,15 @@ def verdict(value: float, limit: float) -> dict:
     return {"ratio": round(value, 3), "target": f"<= {limit}", "met": value <= limit}
 
 
+BASELINE = "fennec-chat baseline"
+
+
+def baseline(args: argparse.Namespace) -> list[Server]:
+    """With --baseline DIR: the same server from another checkout (e.g. a `git worktree` of the
+    previous commit), measured in the same rounds, for a before/after of a change."""
+    return [chat_server(name=BASELINE, root=Path(args.baseline).resolve())] if args.baseline else []
+
+
 def started(*servers: Server) -> list[Server]:
     return [server.start() for server in servers]
 
@@ -99,8 +109,10 @@ async def fanout(args: argparse.Namespace) -> Report:
     """N receivers + 1 sender; server CPU per delivered message, against the reference."""
     # Without history too: the reference stores nothing, and a commit per batch of messages
     # is work only this project does.
-    servers = started(chat_server(), chat_server("--no-history", name=NO_HISTORY), reference_server())
-    ours, lighter, reference = servers
+    servers = started(
+        chat_server(), chat_server("--no-history", name=NO_HISTORY), reference_server(), *baseline(args)
+    )
+    ours, lighter, reference = servers[:3]
     report = Report("fan-out: 1 sender + N receivers, 20 messages in flight, server CPU per delivery")
     try:
         for receivers in (10, 100, 500):
@@ -118,6 +130,9 @@ async def fanout(args: argparse.Namespace) -> Report:
             )
             ratio = median_ratio(results[lighter.name], results[reference.name], "cpu_us_per_delivery")
             report.summary[f"N={receivers} {NO_HISTORY}"] = {"ratio": round(ratio, 3)}
+            for other in servers[3:]:
+                ratio = median_ratio(results[ours.name], results[other.name], "cpu_us_per_delivery")
+                report.summary[f"N={receivers} vs {BASELINE}"] = {"ratio": round(ratio, 3)}
     finally:
         stop(servers)
     return report
@@ -161,8 +176,10 @@ async def browser_like(args: argparse.Namespace) -> Report:
 
 async def latency_workload(args: argparse.Namespace) -> Report:
     """A sender at a fixed rate into a 100-client room: one-way latency percentiles."""
-    servers = started(chat_server(), chat_server("--no-history", name=NO_HISTORY), reference_server())
-    ours, lighter, reference = servers
+    servers = started(
+        chat_server(), chat_server("--no-history", name=NO_HISTORY), reference_server(), *baseline(args)
+    )
+    ours, lighter, reference = servers[:3]
     seconds = 1.0 if args.quick else 4.0
     report = Report("latency: a sender at a fixed rate into a 100-client room")
     try:
@@ -186,6 +203,9 @@ async def latency_workload(args: argparse.Namespace) -> Report:
             )
             ratio = median_ratio(results[lighter.name], results[reference.name], "p99_ms")
             report.summary[f"{rate}/s p99 {NO_HISTORY}"] = {"ratio": round(ratio, 3)}
+            for other in servers[3:]:
+                ratio = median_ratio(results[ours.name], results[other.name], "p99_ms")
+                report.summary[f"{rate}/s p99 vs {BASELINE}"] = {"ratio": round(ratio, 3)}
     finally:
         stop(servers)
     return report
@@ -492,6 +512,11 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per workload")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check that it runs")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="another checkout to compare with in fanout and latency (git worktree add DIR REV)",
+    )
     args = parser.parse_args()
     unknown = [name for name in args.workloads if name not in WORKLOADS]
     if unknown:

@@ -29,6 +29,7 @@ class Server:
     command: list[str]
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    root: Path = ROOT  # the checkout it runs from (--baseline: another one)
 
     @property
     def log_path(self) -> Path:
@@ -40,7 +41,7 @@ class Server:
         command = [part.replace("{port}", str(self.port)) for part in self.command]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -78,9 +79,9 @@ class Server:
         return resident_pages * PAGE_SIZE
 
 
-def chat_server(*flags: str, name: str = "fennec-chat") -> Server:
+def chat_server(*flags: str, name: str = "fennec-chat", root: Path = ROOT) -> Server:
     """This project's server.py as configured by default (history in a fresh SQLite file),
-    with the limits that would distort a benchmark turned off."""
+    with the limits that would distort a benchmark turned off. `root`: another checkout's."""
     history = (
         []
         if "--no-history" in flags or "--db" in flags or any("redis" in flag for flag in flags)
@@ -99,6 +100,7 @@ def chat_server(*flags: str, name: str = "fennec-chat") -> Server:
             *history,
             *flags,
         ],
+        root=root,
     )
 
 
