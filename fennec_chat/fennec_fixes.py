@@ -32,6 +32,9 @@ says which workaround to delete. The README lists them under "Fennec 0.3.0 cavea
    the raw ASGI send (outbox.py: `send_text` adds a state check and a coroutine per event).
 9. `fennec.security` imports `bcrypt`, which fennec-framework 0.3.0 requires only in its
    `full` extra (with redis, prometheus-client, psutil…): pyproject.toml asks for bcrypt alone.
+10. Fennec routes a HEAD request nowhere: `Router.get` registers GET alone and `Router.match`
+    compares methods exactly, so `HEAD /` gets 404 where a GET gets 200. `ChatApplication`
+    answers HEAD as GET without the body (and lists HEAD in `Allow`).
 """
 
 from __future__ import annotations
@@ -53,9 +56,15 @@ logger = logging.getLogger("fennec_chat")
 Hook = Callable[[], Awaitable[None]]
 
 
+class StartupError(RuntimeError):
+    """A start-up hook's failure that whoever starts the server can fix (a file in use or
+    unreadable, Redis unreachable): its message says what and how, and it is reported as that
+    one line, without a traceback. Any other exception in a hook is a bug, and logged as one."""
+
+
 class ChatApplication(Application):
     """Fennec's `Application` with lifespan hooks (1), readable WebSocket refusals and logged
-    handler failures (2), 405 and `nosniff` (3)."""
+    handler failures (2), 405 and `nosniff` (3), and HEAD (10)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -69,9 +78,12 @@ class ChatApplication(Application):
                 try:
                     for hook in self.on_startup:
                         await hook()
-                except Exception as error:
-                    logger.exception("startup failed")
+                except StartupError as error:  # the server logs the message: one line
                     await send({"type": "lifespan.startup.failed", "message": str(error)})
+                    return
+                except Exception:
+                    logger.exception("startup failed")  # the message is in the traceback
+                    await send({"type": "lifespan.startup.failed", "message": ""})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -92,21 +104,34 @@ class ChatApplication(Application):
                 message = {**message, "headers": headers}
             await send(message)
 
+        async def send_headers_only(message: dict[str, Any]) -> None:  # HEAD (10)
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send_nosniff(message)
+
+        respond = send_nosniff
+        method = scope["method"]
+        if method == "HEAD":  # a GET without the body: same status and headers (10)
+            scope = {**scope, "method": "GET"}
+            respond = send_headers_only
         allowed = self._methods_for(scope["path"])
         if allowed and scope["method"] not in allowed:
             allow = ", ".join(sorted(allowed))
-            body = f"{scope['method']} is not allowed here; use {allow}\n".encode()
+            body = f"{method} is not allowed here; use {allow}\n".encode()
             headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"allow", allow.encode())]
-            await send_nosniff({"type": "http.response.start", "status": 405, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            headers.append((b"content-length", str(len(body)).encode()))
+            await respond({"type": "http.response.start", "status": 405, "headers": headers})
+            await respond({"type": "http.response.body", "body": body})
             return
-        await super().handle_http(scope, receive, send_nosniff)
+        await super().handle_http(scope, receive, respond)
 
     def _methods_for(self, path: str) -> set[str]:
-        """The methods of the routes that match `path` (none: it is not one of ours)."""
-        return {
+        """The methods of the routes that match `path` (none: it is not one of ours), HEAD
+        wherever there is GET (10)."""
+        methods = {
             method for route in self.router.routes if route.pattern.match(path) for method in route.methods
         }
+        return methods | {"HEAD"} if "GET" in methods else methods
 
     async def handle_websocket(self, scope: dict, receive: Callable, send: Callable) -> None:
         for router in self._websocket_routers:

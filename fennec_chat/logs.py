@@ -42,10 +42,27 @@ def _redact_parameter(match: re.Match[str]) -> str:
     return match.group(0)
 
 
+class QuietStart(logging.Filter):
+    """uvicorn's lines about starting up: the banner (cli.print_addresses) says the server is up
+    once it listens, and a start that fails is the one line that says why."""
+
+    LINES = frozenset(
+        {
+            "Started server process [%d]",
+            "Waiting for application startup.",
+            "Application startup complete.",
+            "Application startup failed. Exiting.",
+        }
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "uvicorn.error" and record.msg in self.LINES)
+
+
 def log_config() -> dict[str, Any]:
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["filters"] = {"redact_tokens": {"()": RedactTokens}}
+    config["filters"] = {"redact_tokens": {"()": RedactTokens}, "quiet_start": {"()": QuietStart}}
     for handler in config["handlers"].values():
-        handler["filters"] = ["redact_tokens"]
+        handler["filters"] = ["redact_tokens", "quiet_start"]
     config["loggers"]["fennec_chat"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     return config

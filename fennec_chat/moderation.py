@@ -6,6 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+from .fennec_fixes import StartupError
 from .protocol import Command, Rejection, SendMessage, SetUsername
 from .settings import Settings
 
@@ -18,8 +19,12 @@ class WordFilter:
         self._settings = settings  # its --blocklist is read at start, after the flags are applied
 
     async def start(self) -> None:
-        if self._settings is not None and self._settings.blocklist:
-            self.load(self._settings.blocklist)
+        if self._settings is not None and (path := self._settings.blocklist):
+            try:
+                self.load(path)
+            except (OSError, UnicodeDecodeError) as error:
+                reason = (error.strerror or str(error)) if isinstance(error, OSError) else "not UTF-8 text"
+                raise StartupError(f"cannot read the blocklist {path} (--blocklist): {reason}") from error
 
     def load(self, path: str) -> None:
         """One word a line; blank lines and lines starting with # are skipped."""

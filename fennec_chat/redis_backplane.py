@@ -32,6 +32,7 @@ except ImportError as missing:  # pragma: no cover - depends on the installation
     raise RuntimeError("--redis-url needs redis-py: pip install 'fennec-chat[redis]'") from missing
 
 from .backplane import Backplane, BackplaneUnavailable, Listener, RoomEvent
+from .fennec_fixes import StartupError
 from .history import Stored
 from .protocol import encode
 from .redis_history import RedisHistory
@@ -79,7 +80,7 @@ class RedisBackplane(RedisPresence, Backplane):
         try:
             await self._redis.ping()
         except (RedisError, OSError) as error:
-            raise RuntimeError(f"cannot reach Redis at {url}: {error}") from error
+            raise StartupError(f"cannot reach Redis at {url} (--redis-url): {error}") from error
         self._connected = True
         await self._heartbeat_once()
         self._tasks = [

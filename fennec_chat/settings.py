@@ -6,20 +6,23 @@ A flag beats its environment variable, which beats the default.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import re
+import textwrap
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 DEFAULT_DB = str(Path(__file__).resolve().parent.parent / "chat.db")  # beside server.py
 
 
-def setting(default: Any, env: str, help: str) -> Any:
-    """A settings field that knows its environment variable and its --help text."""
-    return field(default=default, metadata={"env": env, "help": help})
+def setting(default: Any, env: str, help: str, shown: str | None = None) -> Any:
+    """A settings field that knows its environment variable and its --help text (`shown`: the
+    default as --help says it, when the value itself would not say it)."""
+    return field(default=default, metadata={"env": env, "help": help, "shown": shown})
 
 
 @dataclass
@@ -93,8 +96,8 @@ class Settings:
     allowed_origins: str = setting(
         "",
         "CHAT_ALLOWED_ORIGINS",
-        "comma-separated origins whose pages may connect, '*' for any; default: this server's own and "
-        "'null' (a page opened from disk)",
+        "comma-separated origins whose pages may connect, '*' for any, 'null' for a page opened from disk",
+        shown="this server's own, and 'null' when it listens on loopback only",
     )
     jwt_secret: str = setting(
         "", "CHAT_JWT_SECRET", "require a signed token (?token=) on every socket; the token names the user"
@@ -134,8 +137,8 @@ class Settings:
     ws_compression: bool = setting(
         False,
         "CHAT_WS_COMPRESSION",
-        "accept permessage-deflate; off by default: it triples the CPU per small message "
-        "and costs ~40 KiB per connection",
+        "accept permessage-deflate, which browsers offer: for chat messages it costs 1.58 times the CPU "
+        "per delivery and ~40 KiB more per idle connection, for a few bytes saved (README, Benchmarks)",
     )
 
     @classmethod
@@ -174,14 +177,17 @@ class Settings:
 
     @classmethod
     def argument_parser(cls) -> argparse.ArgumentParser:
-        parser = argparse.ArgumentParser(
+        parser = ArgumentParser(
             prog="server.py",
-            description="Fennec WebSocket chat server.",
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            usage=USAGE,
+            description=DESCRIPTION,
+            epilog=COMMANDS,
+            formatter_class=HelpFormatter,
         )
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            help_text = f"{f.metadata['help']} (env {f.metadata['env']})"
+            shown = f.metadata["shown"] or _shown(f.default)
+            help_text = f"{f.metadata['help']} (default: {shown}; env {f.metadata['env']})"
             if isinstance(f.default, bool):
                 parser.add_argument(
                     flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
@@ -245,6 +251,53 @@ class Settings:
                 "--workers needs --redis-url: each worker is a separate process, and without Redis "
                 "they would not share rooms, presence or history"
             )
+
+
+USAGE = "%(prog)s [OPTION ...]   or   %(prog)s token --username NAME [--admin] [--ttl SECONDS]"
+DESCRIPTION = """\
+The Fennec WebSocket chat server. Every option has an environment variable; a flag beats its
+variable, which beats the default."""
+COMMANDS = """\
+commands:
+  token --username NAME [--admin] [--ttl SECONDS] [--jwt-secret SECRET]
+                        print a signed token for ?token=, for a server started with
+                        --jwt-secret (or CHAT_JWT_SECRET); server.py token --help says more"""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage line short enough to read above an error, and a guess at a
+    misspelt flag."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            flags = [flag for action in self._actions for flag in action.option_strings]
+            words = message.removeprefix("unrecognized arguments: ").split()
+            guesses = [
+                guess
+                for word in words
+                if word.startswith("--")
+                for guess in difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.75)
+            ]
+            if guesses:
+                message += f" (did you mean {' or '.join(guesses)}?)"
+        super().error(message)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description and the commands as written; options' help wrapped, never at a hyphen
+    (`--redis-` and `url` on two lines read as two things)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def _shown(default: Any) -> str:
+    """A default as --help says it."""
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, float):
+        return f"{default:g}"
+    return str(default) if default != "" else "none"
 
 
 INTEGER = re.compile(r"-?[0-9]+")

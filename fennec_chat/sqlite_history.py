@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .fennec_fixes import StartupError
 from .history import History, RoomState, Stored
 from .protocol import encode
 
@@ -100,10 +101,14 @@ class SQLiteHistory(History):
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         try:
             self._lock()
+        except BlockingIOError as error:
+            raise StartupError(
+                f"cannot open the history database {self.path}: it is in use by another chat server "
+                "(--db picks another file, --db :memory: keeps the history in memory, --no-history none)"
+            ) from error
         except OSError as error:
-            raise RuntimeError(
-                f"cannot open the history database {self.path!r}: it is in use by another chat server "
-                "(--db picks another file, --no-history none)"
+            raise StartupError(
+                f"cannot open the history database {self.path} (--db): {error.strerror or error}"
             ) from error
         self._thread = threading.Thread(target=self._run, args=(ready,), name="chat-history", daemon=True)
         self._thread.start()
@@ -112,7 +117,7 @@ class SQLiteHistory(History):
         except Exception as error:
             self._thread = None
             self._unlock()
-            raise RuntimeError(f"cannot open the history database {self.path!r}: {error}") from error
+            raise StartupError(f"cannot open the history database {self.path} (--db): {error}") from error
         if self.on_disk:
             self._checkpointer = threading.Thread(
                 target=self._checkpoint_forever, name="chat-checkpoints", daemon=True

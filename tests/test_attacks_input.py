@@ -180,4 +180,4 @@ def test_every_response_says_nosniff_and_a_wrong_method_gets_405(server, method,
     assert got == status
     assert headers["x-content-type-options"] == "nosniff"
     if status == 405:
-        assert headers["allow"] == "GET"
+        assert headers["allow"] == "GET, HEAD"

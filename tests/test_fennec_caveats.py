@@ -554,3 +554,20 @@ def test_fennec_security_imports_bcrypt_which_the_distribution_does_not_require(
     # It is declared, but only in the optional `full` extra (with redis, websockets, psutil...).
     extras = [str(req.marker) for req in requirements if req.name.lower() == "bcrypt"]
     assert extras == ['extra == "full"']
+
+
+# --- 10. HEAD -----------------------------------------------------------------------------------
+
+
+async def test_fennec_routes_a_head_request_nowhere(fennec_server):
+    assert http_request(f"http://{fennec_server}/thing")[0] == 200
+    status, _, _ = http_request(f"http://{fennec_server}/thing", method="HEAD")
+    assert status == 404, (
+        f"Fennec now answers HEAD for a GET route with {status}: if that is 200 without a body, delete "
+        f"the HEAD in ChatApplication.handle_http and _methods_for ({FIXES}, caveat 10)"
+    )
+    route = await plain_fennec_app().router.match("/thing", "HEAD")
+    assert route is None, (
+        "Fennec's Router.match now finds a GET route for HEAD: delete the HEAD in "
+        f"ChatApplication.handle_http and _methods_for ({FIXES}, caveat 10)"
+    )
