@@ -77,6 +77,7 @@ async def greet(me: Connection, join: protocol.JoinRequest) -> bool:
     if name := me.identity.username or join.username:  # a token's name wins
         manager.rename(me.client_id, words.mask(name))
     manager.join_room(me.client_id, me.room)
+    await manager.listening(me.room)  # (with Redis: subscribed) all said after the welcome comes live
     await manager.send_json(me.client_id, protocol.welcome(me.room, me.client_id, settings))
     await manager.send_json(me.client_id, protocol.presence(me.room, await manager.members(me.room)))
     # What was said before it joined (or just what it missed), then live events: no gap, no repeat.

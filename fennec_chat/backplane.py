@@ -105,6 +105,12 @@ class Backplane(ABC):
         """Wait until this process receives `room`'s events."""
 
     @abstractmethod
+    async def heard(self, room: str, message_id: int) -> None:
+        """Wait (briefly) until every message up to `message_id` that this process will ever
+        hear of has reached it. In one process a message is stored and delivered in one step,
+        so it has; Redis delivers a message stored a moment ago a moment later."""
+
+    @abstractmethod
     async def members(self, room: str) -> dict[str, str]:
         """client_id → username of the room's members that other processes have."""
 
@@ -194,6 +200,9 @@ class LocalBackplane(Backplane):
 
     async def ready(self, room: str) -> None:
         pass
+
+    async def heard(self, room: str, message_id: int) -> None:
+        pass  # stored and delivered in one step: every message in a read has been delivered
 
     async def members(self, room: str) -> dict[str, str]:
         return {}

@@ -203,6 +203,11 @@ class ChatManager(FanOutManager):
     async def publish(self, room: str, event: dict[str, Any], sender: str) -> None:
         await self.room_history.publish(room, event, sender)
 
+    async def listening(self, room: str) -> None:
+        """Wait until this process hears the room's events (with Redis: its subscription is
+        confirmed): from then on, every message stored reaches the room's members live."""
+        await self.backplane.ready(room)
+
     async def send_history(self, client_id: str, room: str, since: int | None, epoch: str | None) -> None:
         await self.room_history.send_history(client_id, room, since, epoch)
 
@@ -230,11 +235,12 @@ class ChatManager(FanOutManager):
         limit = self.settings.outbox_limit
         data = text.encode()  # once for everyone: written straight to the sockets that have room
         overflowed = []
+        catching_up = Stage.CATCHING_UP  # a local: an enum member through its class is slow
         for client_id in recipients:
             client = clients.get(client_id)
             if client is None:
                 continue
-            if room_event and client.stage is Stage.CATCHING_UP:
+            if room_event and client.stage is catching_up:
                 client.held.append((message_id, text))  # type: ignore[union-attr]
                 # Held while its history is read: our delay, not the client's. When a whole
                 # room reconnects at once (after a restart), each newcomer's history waits

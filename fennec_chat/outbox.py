@@ -22,6 +22,11 @@ class OutboxState(enum.Enum):
     STOPPED = "stopped"  # the connection has ended or failed: nothing more is written
 
 
+# The states as module constants for the per-event paths: reading `OutboxState.OPEN` through
+# the enum class costs ~50 ns on Python 3.11, a global ~10 (put() runs once per recipient).
+OPEN, CLOSING, STOPPED = OutboxState.OPEN, OutboxState.CLOSING, OutboxState.STOPPED
+
+
 class Outbox:
     """Events waiting to be written to one socket.
 
@@ -61,7 +66,7 @@ class Outbox:
     def put(self, text: str, data: bytes) -> bool:
         """Send or queue one encoded event (`data` is `text` in UTF-8). False means the client
         is too far behind to keep."""
-        if self.state is not OutboxState.OPEN:
+        if self.state is not OPEN:
             return True  # the socket is closing or gone: late events have nobody to reach
         # Straight to the socket only when the writer is idle: it keeps the order otherwise.
         if self._waiter is not None and self._write_now is not None and self._write_now(data):
@@ -134,11 +139,11 @@ class Outbox:
                     # would keep the last event of every idle connection in memory.
                     self._pending_bytes -= pending[0][1]
                     await send({"type": "websocket.send", "text": pending.pop(0)[0]})
-                if self.state is OutboxState.CLOSING:
+                if self.state is CLOSING:
                     assert self._close_frame is not None
                     await self._websocket.close(*self._close_frame)
                     return
-                if self.state is OutboxState.STOPPED:
+                if self.state is STOPPED:
                     return
                 self._waiter = loop.create_future()
                 await self._waiter

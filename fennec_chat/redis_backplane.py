@@ -184,6 +184,14 @@ class RedisBackplane(RedisPresence, Backplane):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(subscribed), timeout)
 
+    async def heard(self, room: str, message_id: int, timeout: float = 0.5) -> None:
+        # A message stored before we subscribed never comes; `_note_position` counts those.
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._last_ids.get(room, 0) < message_id and room in self._ready:
+            if asyncio.get_running_loop().time() > deadline:
+                return
+            await asyncio.sleep(0.002)
+
     def state(self) -> dict[str, Any]:
         return {"kind": "redis", "connected": self._connected}
 

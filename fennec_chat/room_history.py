@@ -74,10 +74,14 @@ class RoomHistory:
             manager._deliver(stored.result().text, (sender,))
 
     async def send_history(self, client_id: str, room: str, since: int | None, epoch: str | None) -> None:
-        """Send `history`, then release the room events held since `join_room`.
+        """Send `history`: what was stored before the client joined; then, as live `message`
+        events, everything stored since, each once and in id order.
 
-        The client joined the room before the history was read, so nothing published meanwhile
-        is missed; messages that are both in the history and held are sent once.
+        The client joined the room (and its room events have been held) before the history
+        was read, so the read may also find messages stored after the join: those are cut from
+        the history and reach the client as the live events they are. A client that ignores
+        `history` (one written from the seed protocol) thus misses nothing said after its
+        welcome.
         """
         manager = self.manager
         client = manager.clients.get(client_id)
@@ -91,27 +95,29 @@ class RoomHistory:
                 page = await history.recent(room, settings.history_on_join)
             else:
                 page = await history.since(room, since, epoch, settings.history_resume_max)
+            if page.messages:  # Redis: what was stored a moment ago arrives a moment later
+                await manager.backplane.heard(room, page.messages[-1]["id"])
         except Exception as problem:
             logger.error("could not read the history of room %s: %r", room, problem)
             page = None
         if manager.clients.get(client_id) is not client:
             return  # it left while we were reading
         held = client.go_live()
+        joined_after = next((message_id for message_id, _ in held if message_id is not None), None)
+        already_seen = 0  # held messages the client has: with ?since=, the ones up to it
         if page is None:
             error = protocol.error(ErrorCode.HISTORY_UNAVAILABLE, "history could not be read")
             manager._deliver(protocol.encode(error), (client_id,))
-            newest_sent = 0
         else:
-            event = protocol.history(room, page.messages, page.epoch, page.truncated, page.reset)
+            messages = page.messages
+            if joined_after is not None:  # stored after the join: live events, not history
+                messages = [message for message in messages if message["id"] < joined_after]
+            event = protocol.history(room, messages, page.epoch, page.truncated, page.reset)
             manager._deliver(protocol.encode(event), (client_id,))
-            if page.messages:
-                newest_sent = page.messages[-1]["id"]
-            elif since is not None and not page.reset:
-                newest_sent = since
-            else:
-                newest_sent = 0
+            if since is not None and not page.reset:
+                already_seen = since
         for message_id, text in held:
-            if message_id is None or message_id > newest_sent:
+            if message_id is None or message_id > already_seen:
                 manager._deliver(text, (client_id,))
 
     async def start_over(self, rooms: set[str], reset_rooms: set[str]) -> None:
