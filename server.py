@@ -66,6 +66,8 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
                         await typing(me)
                     case protocol.Kick():
                         await kick(me, command)
+                    case protocol.LoadEarlier():
+                        await load_earlier(me, command)
                     case protocol.Rejection():  # bad input is answered, never fatal
                         await manager.send_json(me.client_id, command.event())
                 if limits.flooding:  # warned again and again: no longer a person typing
@@ -126,6 +128,11 @@ async def kick(me: Connection, kick: protocol.Kick) -> None:
         await manager.send_json(me.client_id, protocol.error(ErrorCode.FORBIDDEN, "only an admin may kick"))
     elif problem := await manager.kick(me.room, kick.client_id, by=manager.username(me.client_id)):
         await manager.send_json(me.client_id, problem.event())
+
+
+async def load_earlier(me: Connection, request: protocol.LoadEarlier) -> None:
+    # Older messages, on request: only the asker gets them (an `error` with --no-history).
+    await manager.send_earlier(me.client_id, me.room, request.before)
 
 
 # --- The lobby: the list of active rooms, on connect, on request and after every change -------

@@ -1,6 +1,7 @@
 """Message history: every chat message is numbered and stored before anyone sees it.
 
-`History` is the small interface the room manager needs (append, recent N, since an id);
+`History` is the small interface the room manager needs (append, recent N, since an id, before
+an id);
 `SQLiteHistory` is the embedded default. A message is broadcast only after its transaction
 has committed, so a message any client received is in the history after a crash.
 """
@@ -72,6 +73,16 @@ class History(ABC):
     @abstractmethod
     async def messages(self, room: str, after_id: int, limit: int) -> list[dict[str, Any]]:
         """Up to `limit` of the newest messages with an id above `after_id`, oldest first."""
+
+    @abstractmethod
+    async def before(self, room: str, before_id: int, limit: int) -> list[dict[str, Any]]:
+        """Up to `limit` of the newest messages with an id below `before_id`, oldest first."""
+
+    async def earlier(self, room: str, before_id: int, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        """What `load_earlier` asks for: up to `limit` messages below `before_id`, oldest first,
+        and whether nothing older is retained (one more is read to tell)."""
+        messages = await self.before(room, before_id, limit + 1)
+        return messages[-limit:] if len(messages) > limit else messages, len(messages) <= limit
 
     async def recent(self, room: str, limit: int) -> Page:
         state = await self.room_state(room)

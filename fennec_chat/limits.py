@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import protocol
-from .protocol import ErrorCode, Rejection, SendMessage, SetUsername, Typing
+from .protocol import ErrorCode, LoadEarlier, Rejection, SendMessage, SetUsername, Typing
 from .settings import Settings
 
 
@@ -170,12 +170,12 @@ class RateLimits:
             return command
         if isinstance(command, Typing):
             return command if self.typing.take() == 0 else None
-        if isinstance(command, SendMessage):
+        if isinstance(command, SendMessage | LoadEarlier):  # a page of history costs a message
             wait = self._own("messages", self.messages).take()
             if not wait and self.address_key is not None:  # shared by everyone behind the address
                 per_address = self.settings.rate_messages_per_address
                 wait = self.ledger.bucket("messages", self.address_key, per_address, 2 * per_address).take()
-            what = "messages"
+            what = "messages" if isinstance(command, SendMessage) else "requests for history"
         elif isinstance(command, SetUsername):
             wait, what = self._own("renames", self.renames).take(), "renames"
         else:

@@ -211,6 +211,10 @@ class ChatManager(FanOutManager):
     async def send_history(self, client_id: str, room: str, since: int | None, epoch: str | None) -> None:
         await self.room_history.send_history(client_id, room, since, epoch)
 
+    async def send_earlier(self, client_id: str, room: str, before: int) -> None:
+        """Answer `load_earlier`: the messages below `before`, to this client alone."""
+        await self.room_history.send_earlier(client_id, room, before)
+
     # --- Delivery -----------------------------------------------------------------------------
 
     def _publish_to_room(self, room: str, text: str, exclude: str | None) -> None:

@@ -70,3 +70,9 @@ class RedisHistory(History):
             self.keys.room(room, "stream"), "+", f"(0-{after_id}", count=limit
         )
         return [json.loads(fields["e"]) for _, fields in reversed(entries)]
+
+    async def before(self, room: str, before_id: int, limit: int) -> list[dict[str, Any]]:
+        entries = await self.reader().xrevrange(
+            self.keys.room(room, "stream"), f"(0-{before_id}", "-", count=limit
+        )
+        return [json.loads(fields["e"]) for _, fields in reversed(entries)]

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("fennec_chat")
 
 MAX_IN_FLIGHT = 64  # a client's messages waiting for the history before its next one waits too
+EARLIER_PAGE = 50  # messages in one answer to `load_earlier`
 
 
 class RoomHistory:
@@ -119,6 +120,20 @@ class RoomHistory:
         for message_id, text in held:
             if message_id is None or message_id > already_seen:
                 manager._deliver(text, (client_id,))
+
+    async def send_earlier(self, client_id: str, room: str, before: int) -> None:
+        """Answer `load_earlier`, to the asker alone: up to EARLIER_PAGE messages below `before`."""
+        manager = self.manager
+        if manager.history is None:
+            answer = protocol.error(ErrorCode.HISTORY_UNAVAILABLE, "this server keeps no history")
+        else:
+            try:
+                messages, complete = await manager.history.earlier(room, before, EARLIER_PAGE)
+                answer = protocol.earlier_messages(room, messages, complete)
+            except Exception as problem:
+                logger.error("could not read the history of room %s: %r", room, problem)
+                answer = protocol.error(ErrorCode.HISTORY_UNAVAILABLE, "history could not be read")
+        manager._deliver(protocol.encode(answer), (client_id,))
 
     async def start_over(self, rooms: set[str], reset_rooms: set[str]) -> None:
         """After the backplane was away: a fresh `presence` for everyone here, and where the

@@ -51,7 +51,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_by_sender_msg_id
 
 @dataclass(slots=True)
 class _Job:
-    kind: str  # "append", "state", "messages", "forget", "restart_wal" or "stop"
+    kind: str  # "append", "state", "messages", "before", "forget", "restart_wal" or "stop"
     args: tuple
     future: asyncio.Future | None = field(default=None)
 
@@ -194,6 +194,9 @@ class SQLiteHistory(History):
     async def messages(self, room: str, after_id: int, limit: int) -> list[dict[str, Any]]:
         return await self._submit("messages", room, after_id, limit)
 
+    async def before(self, room: str, before_id: int, limit: int) -> list[dict[str, Any]]:
+        return await self._submit("before", room, before_id, limit)
+
     def _submit(self, kind: str, *args: Any) -> asyncio.Future:
         if self._thread is None:
             raise RuntimeError("history is not open")
@@ -298,6 +301,8 @@ class SQLiteHistory(History):
             try:
                 if job.kind == "state":
                     result: Any = self._state(db, job.args[0])
+                elif job.kind == "before":
+                    result = self._before(db, *job.args)
                 else:
                     result = self._messages(db, *job.args)
                 results.append((job.future, result, None))
@@ -347,6 +352,13 @@ class SQLiteHistory(History):
         rows = db.execute(
             "SELECT event FROM messages WHERE room = ? AND id > ? ORDER BY id DESC LIMIT ?",
             (room, after_id, limit),
+        ).fetchall()
+        return [json.loads(text) for (text,) in reversed(rows)]
+
+    def _before(self, db: sqlite3.Connection, room: str, before_id: int, limit: int) -> list[dict[str, Any]]:
+        rows = db.execute(
+            "SELECT event FROM messages WHERE room = ? AND id < ? ORDER BY id DESC LIMIT ?",
+            (room, before_id, limit),
         ).fetchall()
         return [json.loads(text) for (text,) in reversed(rows)]
 

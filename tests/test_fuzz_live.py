@@ -21,7 +21,16 @@ from hypothesis import strategies as st
 
 from fennec_chat import protocol
 from fennec_chat.gate import Tokens
-from fennec_chat.protocol import CloseCode, ErrorCode, Kick, Rejection, SendMessage, SetUsername, Typing
+from fennec_chat.protocol import (
+    CloseCode,
+    ErrorCode,
+    Kick,
+    LoadEarlier,
+    Rejection,
+    SendMessage,
+    SetUsername,
+    Typing,
+)
 from fennec_chat.settings import Settings
 from tests.chat_client import ChatClient
 from tests.server_process import ServerProcess, log_path
@@ -110,6 +119,7 @@ async def exchange(server: ServerProcess, frames: list[dict], role: str) -> None
     await fuzzer.expect("user_joined")
     name = "fuzzer"
     accepted: dict[str, str] = {}  # client_msg_id → text of the message first sent with it
+    stored = 0  # messages in the room's history: ids 1..stored (the probes included)
     members = {KICK_SELF: fuzzer_id, KICK_BYSTANDER: bystander_id}
 
     for number, frame in enumerate(frames):
@@ -125,6 +135,7 @@ async def exchange(server: ServerProcess, frames: list[dict], role: str) -> None
         await fuzzer.send(type="message", message=probe)
         to_fuzzer = await events_until_probe(fuzzer, probe)
         to_bystander = await events_until_probe(bystander, probe)
+        new_messages = isinstance(expected, SendMessage) and expected.client_msg_id not in accepted
 
         if isinstance(expected, Rejection):
             assert [(e["type"], e["code"]) for e in to_fuzzer] == [("error", expected.code)]
@@ -150,6 +161,14 @@ async def exchange(server: ServerProcess, frames: list[dict], role: str) -> None
             for events in (to_fuzzer, to_bystander):
                 assert [(e["type"], e["old_username"], e["new_username"]) for e in events] == announced
             name = expected.username
+        elif isinstance(expected, LoadEarlier):
+            # The newest 50 below `before`, oldest first, to the asker alone.
+            below = min(expected.before, stored + 1)
+            ids = list(range(max(1, below - 50), below))
+            assert [(e["type"], [m["id"] for m in e["messages"]], e["complete"]) for e in to_fuzzer] == [
+                ("earlier_messages", ids, not ids or ids[0] == 1)
+            ]
+            assert to_bystander == []
         elif isinstance(expected, Kick):
             # Only an admin may kick; an admin's kick of someone not in the room is not_found.
             code = ErrorCode.NOT_FOUND if role == "admin" else ErrorCode.FORBIDDEN
@@ -159,6 +178,7 @@ async def exchange(server: ServerProcess, frames: list[dict], role: str) -> None
             assert isinstance(expected, Typing)
             assert to_fuzzer == []
             assert [(e["type"], e["username"]) for e in to_bystander] == [("typing", name)]
+        stored += 1 + new_messages  # the probe, and the message if it was a new one
 
     await fuzzer.close()
     await bystander.wait_for("user_left", client_id=fuzzer_id)

@@ -11,7 +11,7 @@ from hypothesis import example, find, given, settings
 from hypothesis import strategies as st
 
 from fennec_chat import protocol
-from fennec_chat.protocol import Kick, Rejection, SendMessage, SetUsername, Typing
+from fennec_chat.protocol import Kick, LoadEarlier, Rejection, SendMessage, SetUsername, Typing
 from fennec_chat.settings import Settings
 
 SETTINGS = Settings()
@@ -29,7 +29,10 @@ json_values = st.recursive(
     max_leaves=12,
 )
 command_like = st.fixed_dictionaries(
-    {"type": st.sampled_from(["message", "set_username", "typing", "kick", "", "MESSAGE"]) | st.text()},
+    {
+        "type": st.sampled_from(["message", "set_username", "typing", "kick", "load_earlier", "", "MESSAGE"])
+        | st.text()
+    },
     optional={
         "message": json_values,
         "username": json_values,
@@ -37,6 +40,7 @@ command_like = st.fixed_dictionaries(
         "client_id": st.sampled_from([KICK_BYSTANDER, KICK_SELF, "nobody", "x" * 64, "x" * 65, ""])
         | st.text(max_size=70)
         | json_values,
+        "before": st.integers(min_value=-2, max_value=80) | json_values,
     },
 )
 # Well-formed commands of every kind, most of them valid. Arbitrary JSON alone seldom makes one:
@@ -54,6 +58,10 @@ well_formed = st.one_of(
     st.builds(
         lambda target: {"type": "kick", "client_id": target},
         st.sampled_from([KICK_BYSTANDER, KICK_SELF, "nobody"]) | st.text(min_size=1, max_size=66),
+    ),
+    st.builds(
+        lambda before: {"type": "load_earlier", "before": before},
+        st.integers(min_value=-1, max_value=80) | st.sampled_from([10**18 - 1, 10**18, True, 1.0, "3", None]),
     ),
 )
 tricky_texts = st.sampled_from(
@@ -85,7 +93,7 @@ def text_frame(data: object) -> dict:
 @given(frames)
 def test_every_frame_becomes_a_command_or_a_rejection(frame):
     result = protocol.parse_command(frame, SETTINGS)
-    assert isinstance(result, SendMessage | SetUsername | Typing | Kick | Rejection)
+    assert isinstance(result, SendMessage | SetUsername | Typing | Kick | LoadEarlier | Rejection)
     if isinstance(result, Rejection):
         assert result.code in ERROR_CODES
         event = result.event()
@@ -168,6 +176,8 @@ def test_room_names_are_ascii_words_of_at_most_64_characters(room):
             Kick("0b9c6f1e-2d7a-4e55-9a51-6f0f2c1d3e4b"),
         ),
         ({"type": "set_username", "username": "👩‍💻 Zoë"}, SetUsername("👩‍💻 Zoë")),
+        ({"type": "load_earlier", "before": 51}, LoadEarlier(51)),
+        ({"type": "load_earlier", "before": 10**18 - 1}, LoadEarlier(10**18 - 1)),
     ],
 )
 def test_valid_commands(data, expected):

@@ -42,7 +42,12 @@ class Kick:
     client_id: str  # whom an admin removes from the room
 
 
-Command = SendMessage | SetUsername | Typing | Kick
+@dataclass(frozen=True, slots=True)
+class LoadEarlier:
+    before: int  # the messages with an id below this one, newest 50 of them
+
+
+Command = SendMessage | SetUsername | Typing | Kick | LoadEarlier
 
 
 def parse_command(frame: dict[str, Any], settings: Settings) -> Command | Rejection:
@@ -72,7 +77,11 @@ def parse_command(frame: dict[str, Any], settings: Settings) -> Command | Reject
         if not isinstance(target, str) or not 1 <= len(target) <= 64:
             return Rejection(ErrorCode.INVALID_EVENT, 'kick needs the "client_id" of someone in the room')
         return Kick(target)
-    return Rejection(ErrorCode.UNKNOWN_TYPE, 'unknown "type"; expected message, set_username, typing or kick')
+    if kind == "load_earlier":
+        return _load_earlier(data.get("before"))
+    return Rejection(
+        ErrorCode.UNKNOWN_TYPE, 'unknown "type"; expected message, set_username, typing, kick or load_earlier'
+    )
 
 
 # Rejections of frames the server could not even read as a command: these cost their full size
@@ -82,6 +91,7 @@ UNREADABLE = frozenset(
 )
 ENVELOPE_CHARS = 256  # "type", the field names, quotes and a few small extra fields
 KICK_TARGET_CHARS = 64
+MESSAGE_ID_CHARS = 18  # a message id: up to 18 digits, as ?since= allows
 
 
 def max_frame_chars(kind: str, settings: Settings) -> int | None:
@@ -92,6 +102,7 @@ def max_frame_chars(kind: str, settings: Settings) -> int | None:
         "set_username": settings.max_username_chars,
         "typing": 0,
         "kick": KICK_TARGET_CHARS,
+        "load_earlier": MESSAGE_ID_CHARS,
     }.get(kind)
     return None if field_chars is None else ENVELOPE_CHARS + 12 * field_chars
 
@@ -127,6 +138,13 @@ def _chat_message(message: object, client_msg_id: object, settings: Settings) ->
     if SURROGATES.search(text) or any(is_control(ch) and ch not in "\n\t" for ch in text):
         return Rejection(ErrorCode.INVALID_MESSAGE, "message must not contain control characters")
     return SendMessage(text, client_msg_id)
+
+
+def _load_earlier(before: object) -> LoadEarlier | Rejection:
+    # A JSON integer, as ?since= is read: no bool (True is an int in Python), no float, no string.
+    if type(before) is not int or not 1 <= before < 10**MESSAGE_ID_CHARS:
+        return Rejection(ErrorCode.INVALID_BEFORE, '"before" must be a message id: a positive integer')
+    return LoadEarlier(before)
 
 
 @dataclass(frozen=True, slots=True)

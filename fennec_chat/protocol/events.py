@@ -39,6 +39,7 @@ class ErrorCode:
     UNSUPPORTED_FRAME = "unsupported_frame"
     INVALID_CLIENT_MSG_ID = "invalid_client_msg_id"
     INVALID_SINCE = "invalid_since"
+    INVALID_BEFORE = "invalid_before"
     INVALID_SESSION = "invalid_session"
     HISTORY_UNAVAILABLE = "history_unavailable"
     BACKPLANE_UNAVAILABLE = "backplane_unavailable"
@@ -154,6 +155,17 @@ def history(
         "truncated": truncated,
         "epoch": epoch,
         "reset": reset,
+        "timestamp": now(),
+    }
+
+
+def earlier_messages(room: str, messages: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+    """The answer to `load_earlier`: older messages, oldest first; `complete`: none older is kept."""
+    return {
+        "type": "earlier_messages",
+        "room": room,
+        "messages": messages,
+        "complete": complete,
         "timestamp": now(),
     }
 
