@@ -3,10 +3,8 @@
     python server.py            # then open http://localhost:8000/ in a few tabs
     python server.py --help     # every setting, with its environment variable
 
-This file is the lesson; read it top to bottom: two WebSocket endpoints (accept, admit, a
-receive loop that dispatches each command to its handler, goodbye), two HTTP routes, the app.
-docs/tutorial.md builds up to it in four steps. What it leans on (validation, limits, history,
-Redis, uvicorn tuning, the workarounds of Fennec 0.3.0) lives in fennec_chat/, a module each.
+The lesson, top to bottom: two WebSocket endpoints, two HTTP routes, the app (docs/tutorial.md
+builds up to it). What it leans on lives in fennec_chat/, a module per concern.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from fennec import Request, Response, Router, WebSocket, WebSocketRouter
 
 from fennec_chat import cli, protocol
 from fennec_chat.fennec_fixes import ChatApplication, incoming, query_params
-from fennec_chat.gate import Gate, Refusal
+from fennec_chat.gate import Gate
 from fennec_chat.manager import ChatManager, Connection
 from fennec_chat.moderation import WordFilter
 from fennec_chat.page import read_page
@@ -42,9 +40,8 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
     await websocket.accept()
     # Room name, origin, token, sockets per address. Leaving the block gives the seat back.
     async with gate.admitted(websocket, room) as admission:
-        if isinstance(admission, Refusal):
-            await websocket.close(admission.code, admission.reason)
-            return
+        if admission is None:
+            return  # refused: closed with a code and the reason
         join = protocol.parse_join(query_params(websocket), settings)  # ?username= ?since= ?session=
         # Registered with Fennec's manager; on the way out the room hears `user_left`, once.
         async with manager.connected(websocket, room, admission.identity, join.session) as me:
@@ -88,9 +85,8 @@ async def greet(me: Connection, join: protocol.JoinRequest) -> bool:
         await manager.send_json(me.client_id, problem.event())
     if not manager.is_connected(me.client_id):
         return False  # dropped meanwhile: more events piled up than its outbox may hold
-    await manager.broadcast_json(
-        protocol.user_joined(manager.username(me.client_id), me.client_id), room=me.room, exclude=me.client_id
-    )
+    joined = protocol.user_joined(manager.username(me.client_id), me.client_id)
+    await manager.broadcast_json(joined, room=me.room, exclude=me.client_id)
     return True
 
 
@@ -142,8 +138,7 @@ async def load_earlier(me: Connection, request: protocol.LoadEarlier) -> None:
 async def lobby(websocket: WebSocket) -> None:
     await websocket.accept()
     async with gate.admitted(websocket) as admission:
-        if isinstance(admission, Refusal):
-            await websocket.close(admission.code, admission.reason)
+        if admission is None:
             return
         async with manager.connected(websocket) as me:
             await manager.watch_lobby(me.client_id)

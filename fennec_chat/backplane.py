@@ -142,6 +142,21 @@ class Backplane(ABC):
         """For /health: what kind of backplane this is, and whether it works."""
 
 
+class Seats(Counter[str]):
+    """Client address → the sockets it holds on this process (a cap's local count)."""
+
+    def take(self, address: str, cap: int) -> bool:
+        if cap and self[address] >= cap:
+            return False
+        self[address] += 1
+        return True
+
+    def release(self, address: str) -> None:
+        self[address] -= 1
+        if self[address] <= 0:
+            del self[address]
+
+
 class LocalBackplane(Backplane):
     """One process: events go straight back to the manager, messages once they are stored.
 
@@ -154,7 +169,7 @@ class LocalBackplane(Backplane):
         self._storing: dict[str, asyncio.Future[Stored]] = {}  # room → its newest message being stored
         self._deliver: Callable[[RoomEvent], None] = lambda event: None
         self._rooms: set[str] = set()
-        self._seats: Counter[str] = Counter()
+        self._seats = Seats()
 
     async def start(self, listener: Listener) -> None:
         self._deliver = listener.deliver_room_event
@@ -217,15 +232,10 @@ class LocalBackplane(Backplane):
         return room in self._rooms
 
     async def take_seat(self, address: str, cap: int) -> bool:
-        if cap and self._seats[address] >= cap:
-            return False
-        self._seats[address] += 1
-        return True
+        return self._seats.take(address, cap)
 
     def release_seat(self, address: str) -> None:
-        self._seats[address] -= 1
-        if self._seats[address] <= 0:
-            del self._seats[address]
+        self._seats.release(address)
 
     def state(self) -> dict[str, Any]:
         return {"kind": "local", "connected": True}

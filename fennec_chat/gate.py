@@ -124,9 +124,10 @@ class Gate:
         return Tokens(self.settings.jwt_secret) if self.settings.jwt_secret else None
 
     def admitted(self, websocket: WebSocket, room: str | None = None) -> Admitted:
-        """`async with gate.admitted(websocket, room) as admission:` the admission or refusal
-        for a socket (`room` is None for the lobby); leaving the block gives the seat back."""
-        return Admitted(self, websocket.scope, room)
+        """`async with gate.admitted(websocket, room) as admission:` the admission of an accepted
+        socket (`room` is None for the lobby), or None: it was refused and closed with the
+        reason. Leaving the block gives the seat back."""
+        return Admitted(self, websocket, room)
 
     def limits(self, admission: Admission) -> RateLimits:
         return RateLimits(self.settings, self.ledger, admission.sender)
@@ -180,14 +181,18 @@ class Admitted:
     """The `async with` of `Gate.admitted`: a class rather than a generator, because it lives as
     long as the connection and a generator's frame would cost every idle connection more."""
 
-    __slots__ = ("admission", "gate", "room", "scope")
+    __slots__ = ("admission", "gate", "room", "websocket")
 
-    def __init__(self, gate: Gate, scope: dict[str, Any], room: str | None) -> None:
-        self.gate, self.scope, self.room = gate, scope, room
+    def __init__(self, gate: Gate, websocket: WebSocket, room: str | None) -> None:
+        self.gate, self.websocket, self.room = gate, websocket, room
         self.admission: Admission | Refusal | None = None
 
-    async def __aenter__(self) -> Admission | Refusal:
-        self.admission = await self.gate.admit(self.scope, self.room)
+    async def __aenter__(self) -> Admission | None:
+        """The admission, or None: refused, and closed with the refusal's code and reason."""
+        self.admission = await self.gate.admit(self.websocket.scope, self.room)
+        if isinstance(self.admission, Refusal):
+            await self.websocket.close(self.admission.code, self.admission.reason)
+            return None
         return self.admission
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -13,13 +13,12 @@ import asyncio
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import RedisError
 
-from .backplane import RoomList
+from .backplane import RoomList, Seats
 from .protocol import now
 from .redis_scripts import JOIN, LEAVE, REAP, RELEASE_SEAT, RENAME, RESTATE_SEATS, TAKE_SEAT, RedisKeys
 from .settings import Settings
@@ -44,7 +43,7 @@ class RedisPresence:
 
     def _init_presence(self) -> None:
         self._local: dict[str, dict[str, str]] = {}  # room → {client_id: name} on this process
-        self._seats: Counter[str] = Counter()  # client address → sockets on this process
+        self._seats = Seats()  # client address → sockets on this process
         self._reap_not_before = 0.0
         self._restate_at = time.monotonic() + SEATS_RESTATED_EVERY
 
@@ -128,7 +127,7 @@ class RedisPresence:
     async def take_seat(self, address: str, cap: int) -> bool:
         """Counted in Redis, so that a cap holds across processes; while Redis is away, each
         process holds the cap on its own."""
-        if cap and self._seats[address] >= cap:
+        if cap and self._seats[address] >= cap:  # this process's own count first: no round trip
             return False
         if cap and self._connected:
             keys = [self.keys.seats(address), self._mine("seats")]
@@ -137,13 +136,10 @@ class RedisPresence:
                     return False
             except (RedisError, OSError) as error:
                 logger.warning("could not count a connection in Redis: %s", error)
-        self._seats[address] += 1
-        return True
+        return self._seats.take(address, 0)  # counted here too, for restating after an outage
 
     def release_seat(self, address: str) -> None:
-        self._seats[address] -= 1
-        if self._seats[address] <= 0:
-            del self._seats[address]
+        self._seats.release(address)
         if self.settings.max_connections_per_ip:
             keys = [self.keys.seats(address), self._mine("seats")]
             self._send(lambda pipe: pipe.eval(RELEASE_SEAT, 2, *keys, self.process_id, address))

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from tests.browser import PageProblems
 from tests.server_process import ARTIFACTS, ROOT, ServerProcess, free_port, log_path
@@ -45,6 +45,12 @@ class ChatPage:
         context = await browser.new_context(viewport={"width": width, "height": 720}, **options)
         if name is not None:
             await context.add_init_script(f"localStorage.setItem('fennec-chat.username', {json.dumps(name)})")
+        return await cls.open_tab(context, url)
+
+    @classmethod
+    async def open_tab(cls, context: BrowserContext, url: str) -> ChatPage:
+        """Open the page in a new tab of `context` (its localStorage shared, its own
+        sessionStorage), watching for page errors and recording what it sends."""
         page = await context.new_page()
         problems = PageProblems()
         problems.watch(page)

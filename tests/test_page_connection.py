@@ -14,7 +14,7 @@ from playwright.async_api import BrowserContext, expect
 
 from tests.browser import PageProblems
 from tests.server_process import ROOT, ServerProcess, log_path
-from tests.test_page import ChatPage, page_url, record_frames
+from tests.test_page import ChatPage, page_url
 
 
 @pytest.fixture
@@ -25,15 +25,7 @@ def server(limited_server: ServerProcess) -> ServerProcess:
 
 async def open_tab(context: BrowserContext, url: str) -> ChatPage:
     """Another tab of the same browser (shared localStorage, its own sessionStorage)."""
-    page = await context.new_page()
-    problems = PageProblems()
-    problems.watch(page)
-    sent: list[dict] = []
-    page.on("websocket", lambda ws: record_frames(ws, sent) if "/ws/chat/" in ws.url else None)
-    await page.goto(url)
-    tab = ChatPage(page, problems, sent)
-    await tab.wait_connected()
-    return tab
+    return await ChatPage.open_tab(context, url)
 
 
 def chat_sockets(page) -> list[tuple[float, str]]:
