@@ -15,7 +15,7 @@ from pathlib import Path
 from fennec import Request, Response, Router, WebSocket, WebSocketRouter
 
 from fennec_chat import cli, protocol
-from fennec_chat.fennec_fixes import ChatApplication, incoming, query_params
+from fennec_chat.fennec_fixes import ChatApplication, query_params
 from fennec_chat.gate import Gate
 from fennec_chat.manager import ChatManager, Connection
 from fennec_chat.moderation import WordFilter
@@ -43,12 +43,14 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
         if admission is None:
             return  # refused: closed with a code and the reason
         join = protocol.parse_join(query_params(websocket), settings)  # ?username= ?since= ?session=
-        # Registered with Fennec's manager; on the way out the room hears `user_left`, once.
-        async with manager.connected(websocket, room, admission.identity, join.session) as me:
+        name = words.mask(admission.identity.username or join.username or "")  # a token's name wins
+        # Registered with Fennec's manager; on the way out the room hears `user_left`, once. A
+        # reload is not a leave: the same tab (?session=) back within --leave-grace continues.
+        async with manager.connected(websocket, room, admission.identity, join.session, name) as me:
             if not await greet(me, join):
                 return
             limits = gate.limits(admission)
-            async for frame in incoming(websocket, me.is_open):  # raw frames: every bad one is answered
+            async for frame in me.frames():  # raw frames: every bad one is answered
                 # The frame budget first, before any parsing; then parse (never raises), mask
                 # blocked words, and apply the per-command limits.
                 command = limits.check_frame(frame) or limits.check(
@@ -73,8 +75,6 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
 
 async def greet(me: Connection, join: protocol.JoinRequest) -> bool:
     """Join the room and tell the newcomer where it is; then tell the room. False: it is gone."""
-    if name := me.identity.username or join.username:  # a token's name wins
-        manager.rename(me.client_id, words.mask(name))
     manager.join_room(me.client_id, me.room)
     await manager.listening(me.room)  # (with Redis: subscribed) all said after the welcome comes live
     await manager.send_json(me.client_id, protocol.welcome(me.room, me.client_id, settings))
@@ -85,8 +85,9 @@ async def greet(me: Connection, join: protocol.JoinRequest) -> bool:
         await manager.send_json(me.client_id, problem.event())
     if not manager.is_connected(me.client_id):
         return False  # dropped meanwhile: more events piled up than its outbox may hold
-    joined = protocol.user_joined(manager.username(me.client_id), me.client_id)
-    await manager.broadcast_json(joined, room=me.room, exclude=me.client_id)
+    arrival = protocol.user_back if me.returning else protocol.user_joined  # back: it never left
+    event = arrival(manager.username(me.client_id), me.client_id)
+    await manager.broadcast_json(event, room=me.room, exclude=me.client_id)
     return True
 
 
@@ -143,7 +144,7 @@ async def lobby(websocket: WebSocket) -> None:
         async with manager.connected(websocket) as me:
             await manager.watch_lobby(me.client_id)
             limits = gate.limits(admission)
-            async for frame in incoming(websocket, me.is_open):  # any text asks for the list
+            async for frame in me.frames():  # any text asks for the list
                 if refusal := limits.check_frame(frame) or limits.check_request(frame):
                     await manager.send_json(me.client_id, refusal.event())
                 else:

@@ -13,9 +13,10 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .history import History, Stored, open_history
+from .leave_grace import Away, AwayBook
 from .protocol import encode
 from .settings import Settings
 
@@ -29,6 +30,13 @@ class RoomEvent:
     message_id: int | None = None  # set for chat messages stored in the history
     exclude: str | None = None  # a client_id that must not receive it
     kick: str | None = None  # a client_id to close (4001) once everyone has the event
+
+
+class Member(NamedTuple):
+    """One member of a room, as presence shows it."""
+
+    username: str
+    away: bool = False  # its connection dropped a moment ago: it may be back (leave_grace.py)
 
 
 class BackplaneUnavailable(Exception):
@@ -64,6 +72,7 @@ class Backplane(ABC):
     """Carries room events between the processes that serve a room, in one order for all."""
 
     history: History | None
+    presence_outlives_process = False  # whether others can hold this process's members when it stops
 
     @abstractmethod
     async def start(self, listener: Listener) -> None:
@@ -100,6 +109,22 @@ class Backplane(ABC):
     def rename(self, room: str, client_id: str, username: str) -> None:
         """A client of this process changed its name."""
 
+    # Away members (leave_grace.py): still in the room's presence, until their grace ends.
+
+    @abstractmethod
+    def go_away(self, away: Away, grace: float, last_here: bool) -> None:
+        """A client of this process dropped without a goodbye: keep it in presence, away."""
+
+    @abstractmethod
+    async def come_back(self, room: str, session: str, username: str, identity: str) -> str | None:
+        """The client_id of the away member a new connection with these continues (it is no
+        longer away from now on), or None. Atomic: two returning connections never both win."""
+
+    @abstractmethod
+    def end_grace(self, room: str, client_id: str, mark: str, left: str) -> None:
+        """The member is gone after all: if it is still away (in absence `mark`; "": any),
+        remove it and send the room `left` (its user_left), exactly once."""
+
     @abstractmethod
     async def ready(self, room: str) -> None:
         """Wait until this process receives `room`'s events."""
@@ -111,8 +136,9 @@ class Backplane(ABC):
         so it has; Redis delivers a message stored a moment ago a moment later."""
 
     @abstractmethod
-    async def members(self, room: str) -> dict[str, str]:
-        """client_id → username of the room's members that other processes have."""
+    async def members(self, room: str) -> dict[str, Member]:
+        """client_id → member, of the room's members that other processes have and of its
+        away members (this process's own live members are the manager's to add)."""
 
     @abstractmethod
     async def busiest_rooms(self, limit: int) -> RoomList | None:
@@ -168,7 +194,9 @@ class LocalBackplane(Backplane):
         self.history = history
         self._storing: dict[str, asyncio.Future[Stored]] = {}  # room → its newest message being stored
         self._deliver: Callable[[RoomEvent], None] = lambda event: None
-        self._rooms: set[str] = set()
+        self._rooms: set[str] = set()  # rooms with members, connected or away
+        self._connected_rooms: set[str] = set()  # rooms with members connected
+        self._away = AwayBook()
         self._seats = Seats()
 
     async def start(self, listener: Listener) -> None:
@@ -203,12 +231,35 @@ class LocalBackplane(Backplane):
 
     def join(self, room: str, client_id: str, username: str, first_here: bool) -> None:
         self._rooms.add(room)
+        self._connected_rooms.add(room)
 
     def leave(self, room: str, client_id: str, last_here: bool) -> None:
         if last_here:
+            self._connected_rooms.discard(room)
+            self._close_if_empty(room)
+
+    def _close_if_empty(self, room: str) -> None:
+        if room not in self._connected_rooms and not self._away.has_room(room):
             self._rooms.discard(room)
             if self.history is not None:
                 self.history.forget(room)
+
+    def go_away(self, away: Away, grace: float, last_here: bool) -> None:
+        self._away.add(away)
+        if last_here:
+            self._connected_rooms.discard(away.room)  # the room stays: its away member is in it
+
+    async def come_back(self, room: str, session: str, username: str, identity: str) -> str | None:
+        away = self._away.take(room, session, username, identity)
+        if away is None:
+            return None
+        self._close_if_empty(room)  # until it joins again, a moment from now
+        return away.client_id
+
+    def end_grace(self, room: str, client_id: str, mark: str, left: str) -> None:
+        if self._away.remove(client_id, mark) is not None:
+            self.publish(RoomEvent(room, left))  # after the room's messages still being stored
+            self._close_if_empty(room)
 
     def rename(self, room: str, client_id: str, username: str) -> None:
         pass
@@ -219,8 +270,8 @@ class LocalBackplane(Backplane):
     async def heard(self, room: str, message_id: int) -> None:
         pass  # stored and delivered in one step: every message in a read has been delivered
 
-    async def members(self, room: str) -> dict[str, str]:
-        return {}
+    async def members(self, room: str) -> dict[str, Member]:
+        return {away.client_id: Member(away.username, away=True) for away in self._away.in_room(room)}
 
     async def busiest_rooms(self, limit: int) -> RoomList | None:
         return None

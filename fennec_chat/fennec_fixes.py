@@ -159,12 +159,19 @@ class ChatApplication(Application):
                 await websocket.close(CloseCode.INTERNAL_ERROR, "internal error")
 
 
-async def incoming(websocket: WebSocket, is_open: Callable[[], bool]) -> AsyncIterator[dict[str, Any]]:
+async def incoming(
+    websocket: WebSocket, is_open: Callable[[], bool], closed_with: Callable[[int], None] | None = None
+) -> AsyncIterator[dict[str, Any]]:
     """The frames a client sends (ASGI `websocket.receive` events: `text` or `bytes`), until it
-    disconnects or `is_open()` turns false (the server dropped it). (5)"""
+    disconnects (`closed_with` hears its close code; 1006: none) or `is_open()` turns false
+    (the server dropped it). (5)"""
     while True:
         frame = await websocket.receive()
-        if frame["type"] == "websocket.disconnect" or not is_open():
+        if frame["type"] == "websocket.disconnect":
+            if closed_with is not None:
+                closed_with(frame.get("code", 1005))
+            return
+        if not is_open():
             return
         if frame["type"] == "websocket.receive":  # not the opening "websocket.connect"
             yield frame

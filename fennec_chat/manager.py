@@ -9,6 +9,7 @@ import asyncio
 import enum
 import heapq
 import logging
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -16,13 +17,15 @@ from typing import Any
 from fennec import WebSocket
 
 from . import protocol
-from .backplane import Backplane, LocalBackplane, RoomEvent, open_backplane
+from .backplane import Backplane, LocalBackplane, Member, RoomEvent, open_backplane
+from .connection import Connection
 from .fennec_fixes import FanOutManager
 from .gate import ANONYMOUS, Identity
 from .history import History
+from .leave_grace import Away, session_digest
 from .lobby import LOBBY_ROOMS, Lobby, room_list
 from .outbox import Outbox
-from .protocol import CloseCode, ErrorCode
+from .protocol import CloseCode, ErrorCode, default_username
 from .room_history import RoomHistory
 from .settings import Settings
 
@@ -61,42 +64,6 @@ class Client:
         return held
 
 
-class Connection:
-    """`async with manager.connected(...) as me`: a socket registered on the way in and
-    forgotten on the way out; if it was in a room, the room hears `user_left` exactly once,
-    whatever ended it (a close, a crash, too slow, kicked)."""
-
-    __slots__ = ("client_id", "identity", "manager", "room", "session", "websocket")
-
-    def __init__(
-        self,
-        manager: ChatManager,
-        websocket: WebSocket,
-        room: str,
-        identity: Identity,
-        session: str | None,
-    ) -> None:
-        self.manager, self.websocket, self.room = manager, websocket, room
-        self.identity, self.session = identity, session
-        self.client_id = ""
-
-    async def __aenter__(self) -> Connection:
-        # Whose client_msg_ids its messages carry: the token's user, else the tab, else itself.
-        if self.identity.username:
-            author: str | None = f"user:{self.identity.username}"
-        else:
-            author = f"session:{self.session}" if self.session else None
-        self.client_id = await self.manager.connect(self.websocket, author=author)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.manager.disconnect(self.client_id)
-
-    def is_open(self) -> bool:
-        """False once the server has dropped it (too slow, kicked, flooding)."""
-        return self.client_id in self.manager.clients
-
-
 class ChatManager(FanOutManager):
     """Sockets, rooms and usernames, and a delivery that never awaits a client: every event is
     a non-blocking append to the recipient's `Outbox`, over a snapshot of the recipients, and a
@@ -110,6 +77,7 @@ class ChatManager(FanOutManager):
         self.backplane: Backplane = LocalBackplane(history=None)  # replaced by start()
         self.room_history = RoomHistory(self)
         self._awaiting_close_frame: dict[str, Outbox] = {}  # dropped by the server, close frame on its way
+        self._away: dict[str, tuple[Away, asyncio.TimerHandle]] = {}  # client_id → its grace, held here
 
     @property
     def history(self) -> History | None:
@@ -128,28 +96,37 @@ class ChatManager(FanOutManager):
         room: str = "",
         identity: Identity | None = None,
         session: str | None = None,
+        username: str = "",
     ) -> Connection:
-        """The socket of a member of `room` (`identity`: from its token; `session`: its tab), or
-        of a lobby watcher (no room)."""
-        return Connection(self, websocket, room, identity or ANONYMOUS, session)
+        """The socket of a member of `room` (`identity`: from its token; `session`: its tab;
+        `username`: the name it asks for, "" for none), or of a lobby watcher (no room)."""
+        return Connection(self, websocket, room, identity or ANONYMOUS, session, username)
 
     async def connect(
-        self, websocket: WebSocket, client_id: str | None = None, author: str | None = None
+        self,
+        websocket: WebSocket,
+        client_id: str | None = None,
+        author: str | None = None,
+        username: str = "",
     ) -> str:
         """Register a socket. `author`: who its messages' client_msg_ids belong to (a token's
         user or a tab's session), if more than this one socket."""
         client_id = await super().connect(websocket, client_id)
         outbox = Outbox(websocket, self.settings.outbox_limit, self.settings.outbox_bytes)
-        self.clients[client_id] = Client(client_id, outbox, default_username(client_id), author)
+        name = username or default_username(client_id)
+        self.clients[client_id] = Client(client_id, outbox, name, author)
         return client_id
 
-    async def disconnect(self, client_id: str) -> None:
-        """Forget a client and tell its room it left: exactly once, whatever ended it.
+    async def disconnect(
+        self, client_id: str, session: str | None = None, identity: Identity = ANONYMOUS
+    ) -> None:
+        """Forget a client and tell its room it left: exactly once, whatever ended it. With
+        `session` (its tab may be back: a reload), it stays in the room, away, for --leave-grace.
 
         If the server closed it (kicked, flooding, too slow), wait a little for the close frame
         to go out: once the handler returns, uvicorn drops the connection without one.
         """
-        self._drop(client_id)
+        self._drop(client_id, away=(session, identity.username or "") if session else None)
         if (closing := self._awaiting_close_frame.pop(client_id, None)) is not None:
             await closing.wait_closed(timeout=5)
 
@@ -187,12 +164,18 @@ class ChatManager(FanOutManager):
             self.lobby.changed()
         return old_name
 
-    async def members(self, room: str) -> list[dict[str, str]]:
-        """Everyone in `room` (on every process) as {client_id, username}, ordered by name."""
+    async def members(self, room: str) -> list[dict[str, Any]]:
+        """Everyone in `room` (on every process) as {client_id, username} (and `"away": true`
+        for a member that may be back in a moment), ordered by name."""
         await self.backplane.ready(room)
         everyone = await self.backplane.members(room)
-        everyone.update(self._names(self.rooms.get(room, ())))
-        users = [{"client_id": cid, "username": name} for cid, name in everyone.items()]
+        everyone.update((cid, Member(name)) for cid, name in self._names(self.rooms.get(room, ())).items())
+        users: list[dict[str, Any]] = []
+        for client_id, member in everyone.items():
+            user: dict[str, Any] = {"client_id": client_id, "username": member.username}
+            if member.away:
+                user["away"] = True
+            users.append(user)
         return sorted(users, key=lambda user: (user["username"].casefold(), user["client_id"]))
 
     def _names(self, client_ids: Iterable[str]) -> dict[str, str]:
@@ -257,7 +240,15 @@ class ChatManager(FanOutManager):
             reason = f"too slow: more than {limit} events waiting"
             self._drop(client.id, close=(CloseCode.TRY_AGAIN_LATER, reason))
 
-    def _drop(self, client_id: str, close: tuple[int, str] | None = None, discard: bool = True) -> None:
+    def _drop(
+        self,
+        client_id: str,
+        close: tuple[int, str] | None = None,
+        discard: bool = True,
+        away: tuple[str, str] | None = None,
+    ) -> None:
+        """Forget a client: close it (`close`) or not (it is gone), and announce its leave, or
+        (`away`: its tab's session and token user) keep it in its room, away, for a while."""
         client = self.clients.pop(client_id, None)
         if client is None:
             return
@@ -268,21 +259,65 @@ class ChatManager(FanOutManager):
         else:
             client.outbox.close(*close, discard=discard)
             self._awaiting_close_frame[client_id] = client.outbox
-        if client.room is not None:
+        if client.room is None:
+            return
+        if away is not None and self.settings.leave_grace and client.stage is Stage.LIVE:
+            self._go_away(client, client.room, *away)
+        else:
             self.leave_room(client_id, client.room)
             left = protocol.encode(protocol.user_left(client.username, client_id))
             self.backplane.publish(RoomEvent(client.room, left))
+
+    # --- A reload is not a leave (leave_grace.py) ---------------------------------------------
+
+    async def come_back(
+        self, room: str, session: str | None, identity: Identity, username: str
+    ) -> str | None:
+        """The client_id of the away member a connection with these continues, or None."""
+        if not (room and session and self.settings.leave_grace):
+            return None
+        digest = session_digest(session)
+        client_id = await self.backplane.come_back(room, digest, username, identity.username or "")
+        if client_id is None:
+            return None
+        if (held := self._away.pop(client_id, None)) is not None:  # its grace was held here
+            held[1].cancel()
+        return client_id
+
+    def _go_away(self, client: Client, room: str, session: str, identity: str) -> None:
+        """Keep a dropped member in the room, away; it leaves when its grace ends without it."""
+        mark = secrets.token_hex(6)
+        away = Away(room, client.id, client.username, session_digest(session), identity, mark)
+        FanOutManager.leave_room(self, client.id, room)  # Fennec's: nothing is delivered to it
+        self.backplane.go_away(away, self.settings.leave_grace, last_here=room not in self.rooms)
+        gone = protocol.encode(protocol.user_away(client.username, client.id))
+        self.backplane.publish(RoomEvent(room, gone))
+        if (earlier := self._away.pop(client.id, None)) is not None:
+            earlier[1].cancel()
+        timer = asyncio.get_running_loop().call_later(self.settings.leave_grace, self._grace_over, away)
+        self._away[client.id] = (away, timer)
+
+    def _grace_over(self, away: Away) -> None:
+        if (held := self._away.get(away.client_id)) is not None and held[0] is away:
+            del self._away[away.client_id]
+        left = protocol.encode(protocol.user_left(away.username, away.client_id))
+        self.backplane.end_grace(away.room, away.client_id, away.mark, left)
+        self.lobby.changed()
 
     # --- Moderation ---------------------------------------------------------------------------
 
     async def kick(self, room: str, target: str, by: str) -> protocol.Rejection | None:
         """Remove a client from the room, on whichever process it is: the room gets a system
         line, the client a close frame (4001, "kicked"), and then its user_left."""
-        members = {user["client_id"]: user["username"] for user in await self.members(room)}
+        members = {user["client_id"]: user for user in await self.members(room)}
         if target not in members:
             return protocol.Rejection(ErrorCode.NOT_FOUND, "nobody with that client_id is in this room")
-        notice = protocol.encode(protocol.kicked(members[target], target, by))
+        name = members[target]["username"]
+        notice = protocol.encode(protocol.kicked(name, target, by))
         self.backplane.publish(RoomEvent(room, notice, kick=target))
+        # Away (a reload, on any process): its grace ends now, and a return will be a new join.
+        left = protocol.encode(protocol.user_left(name, target))
+        self.backplane.end_grace(room, target, "", left)
         return None
 
     async def close(self, client_id: str, code: int, reason: str) -> None:
@@ -345,12 +380,12 @@ class ChatManager(FanOutManager):
         }
 
     async def shutdown(self) -> None:
-        """Release everything (uvicorn has already closed every socket by now)."""
+        """Release everything (uvicorn has already closed every socket by now). Members kept
+        away stay so in Redis: another process ends their grace, or continues them."""
         self.lobby.cancel()
+        for _, timer in self._away.values():
+            timer.cancel()
+        self._away.clear()
         for client_id in list(self.clients):
             self._drop(client_id)
         await self.backplane.close()
-
-
-def default_username(client_id: str) -> str:
-    return f"User-{client_id[:8]}"

@@ -46,6 +46,8 @@ REDIS_OPTIONS: dict[str, Any] = {"decode_responses": True, "socket_connect_timeo
 
 
 class RedisBackplane(RedisPresence, Backplane):
+    presence_outlives_process = True  # a stopped process's members can be continued elsewhere
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = RedisKeys(settings.redis_prefix)
@@ -97,8 +99,9 @@ class RedisBackplane(RedisPresence, Backplane):
         for task in [*self._tasks, *self._chores]:
             task.cancel()
         with contextlib.suppress(RedisError, OSError):
+            # Still listed: the others reap what is left (members kept away when uvicorn closed
+            # their sockets, 1012), once each one's grace ends, unless its tab is back first.
             await self._redis.delete(self._mine("alive"))
-            await self._redis.srem(self.keys.processes, self.process_id)
         for client in (self._redis, self._writer):
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()

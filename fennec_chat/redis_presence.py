@@ -18,9 +18,22 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from .backplane import RoomList, Seats
+from .backplane import BackplaneUnavailable, Member, RoomList, Seats
+from .leave_grace import Away
 from .protocol import now
-from .redis_scripts import JOIN, LEAVE, REAP, RELEASE_SEAT, RENAME, RESTATE_SEATS, TAKE_SEAT, RedisKeys
+from .redis_scripts import (
+    AWAY,
+    COME_BACK,
+    END_GRACE,
+    JOIN,
+    LEAVE,
+    REAP,
+    RELEASE_SEAT,
+    RENAME,
+    RESTATE_SEATS,
+    TAKE_SEAT,
+    RedisKeys,
+)
 from .settings import Settings
 
 logger = logging.getLogger("fennec_chat")
@@ -75,13 +88,47 @@ class RedisPresence:
         keys = [self.keys.room(room, "members"), self.keys.lobby]
         self._send(lambda pipe: pipe.eval(RENAME, 2, *keys, client_id, member))
 
-    async def members(self, room: str) -> dict[str, str]:
+    async def members(self, room: str) -> dict[str, Member]:
         try:
             raw = await self._redis.hgetall(self.keys.room(room, "members"))
         except (RedisError, OSError) as error:
             logger.warning("presence of %s unavailable: %s", room, error)
             return {}
-        return {client_id: json.loads(member)["username"] for client_id, member in raw.items()}
+        members = {}
+        for client_id, text in raw.items():
+            entry = json.loads(text)
+            members[client_id] = Member(entry["username"], away="away" in entry)
+        return members
+
+    # --- Away members (leave_grace.py): in Redis, so that any process may continue or end them
+
+    def go_away(self, away: Away, grace: float, last_here: bool) -> None:
+        room = away.room
+        self._local.get(room, {}).pop(away.client_id, None)
+        if last_here:
+            self._local.pop(room, None)
+            self._unsubscribe(room)
+        entry = {"username": away.username, "process": self.process_id, "away": away.mark}
+        entry.update(session=away.session, identity=away.identity)
+        keys = [self.keys.room(room, "members"), self.keys.room(room, "away")]
+        args = (away.client_id, json.dumps(entry), int(grace * 1000))
+        self._send(lambda pipe: pipe.eval(AWAY, 2, *keys, *args))
+
+    async def come_back(self, room: str, session: str, username: str, identity: str) -> str | None:
+        # On the publishing connection, in order: after this process's own `go_away`.
+        keys = [self.keys.room(room, "members"), self.keys.room(room, "away"), self._mine("members")]
+        args = (session, username, identity, self.process_id, room, self.keys.prefix)
+        returned = self._send(lambda pipe: pipe.eval(COME_BACK, 4, *keys, self.keys.lobby, *args), True)
+        assert returned is not None
+        try:
+            return await returned or None
+        except BackplaneUnavailable:
+            return None  # Redis is away: it joins anew
+
+    def end_grace(self, room: str, client_id: str, mark: str, left: str) -> None:
+        keys = [self.keys.room(room, "members"), self.keys.lobby]
+        args = (self.keys.prefix, room, client_id, mark, left)
+        self._send(lambda pipe: pipe.eval(END_GRACE, 2, *keys, *args))
 
     async def busiest_rooms(self, limit: int) -> RoomList | None:
         try:
@@ -193,9 +240,8 @@ class RedisPresence:
                 self.keys.processes,
                 self.keys.process(process_id, "members"),
                 self.keys.process(process_id, "alive"),
-                self.keys.rooms,
                 self.keys.lobby,
             ]
-            gone = await self._redis.eval(REAP, 5, *keys, process_id, now(), self.keys.prefix)
+            gone = await self._redis.eval(REAP, 4, *keys, process_id, now(), self.keys.prefix)
             if gone and gone > 0:
                 logger.warning("process %s stopped answering: removed its %d clients", process_id, gone)

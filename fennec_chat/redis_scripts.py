@@ -18,7 +18,8 @@ class RedisKeys:
         self.processes = f"{prefix}processes"  # set of the processes that heartbeat
 
     def room(self, room: str, what: str) -> str:
-        """`events` (channel), `members` (hash), `stream`, `last_id`, `epoch`, `client_msg_ids`."""
+        """`events` (channel), `members` (hash), `away` (hash: session digest → client_id),
+        `stream`, `last_id`, `epoch`, `client_msg_ids`."""
         return f"{self.prefix}room:{room}:{what}"
 
     def process(self, process_id: str, what: str) -> str:
@@ -130,34 +131,117 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
 end
 """
 
-# Remove a dead process's clients from their rooms and tell each room they left.
-REAP = """
-local processes, members_of_dead, alive, rooms, lobby = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+# Away members (leave_grace.py) stay in the members hash, their entry saying since when they are
+# away (`away`: that absence's mark), until when (`until`, Redis's clock in ms: every process
+# reads the same one), which tab (`session`, a digest) and which token user (`identity`).
+NOW_MS = """
+local function now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+"""
+
+AWAY = (
+    NOW_MS
+    + """
+local entry = cjson.decode(ARGV[2])
+entry['until'] = now_ms() + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(entry))
+redis.call('HSET', KEYS[2], entry['session'], ARGV[1])
+"""
+)
+
+# A returning tab takes its away entry over: only with the same session, name and token user,
+# before the entry's grace ends, and only once (two returns: the second finds nothing).
+COME_BACK = (
+    NOW_MS
+    + """
+local members, away, mine, lobby = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local session, name, identity, process, room, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local client_id = redis.call('HGET', away, session)
+if not client_id then return false end
+local raw = redis.call('HGET', members, client_id)
+if not raw then redis.call('HDEL', away, session) return false end
+local entry = cjson.decode(raw)
+if name == '' then name = 'User-' .. string.sub(client_id, 1, 8) end
+if entry['away'] == nil or entry['session'] ~= session or entry['username'] ~= name
+   or entry['identity'] ~= identity or entry['until'] <= now_ms() then return false end
+redis.call('HDEL', away, session)
+redis.call('SREM', prefix .. 'process:' .. entry['process'] .. ':members', room .. '|' .. client_id)
+redis.call('HSET', members, client_id, cjson.encode({username = name, process = process}))
+redis.call('SADD', mine, room .. '|' .. client_id)
+redis.call('PUBLISH', lobby, '')
+return client_id
+"""
+)
+
+# The absence `mark` ("": any) ends: the member leaves its room, and the room hears it, once.
+LEAVE_AWAY = """
+local function leave_away(prefix, room, client_id, entry, left)
+  local members = prefix .. 'room:' .. room .. ':members'
+  redis.call('HDEL', members, client_id)
+  local away = prefix .. 'room:' .. room .. ':away'
+  if entry['session'] and redis.call('HGET', away, entry['session']) == client_id then
+    redis.call('HDEL', away, entry['session'])
+  end
+  redis.call('SREM', prefix .. 'process:' .. entry['process'] .. ':members', room .. '|' .. client_id)
+  local count = redis.call('HLEN', members)
+  local rooms = prefix .. 'busy_rooms'
+  if count == 0 then redis.call('ZREM', rooms, room) else redis.call('ZADD', rooms, count, room) end
+  redis.call('PUBLISH', prefix .. 'room:' .. room .. ':events', '\\t\\n' .. left)
+end
+"""
+
+END_GRACE = (
+    LEAVE_AWAY
+    + """
+local prefix, room, client_id, mark, left = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local raw = redis.call('HGET', KEYS[1], client_id)
+if not raw then return 0 end
+local entry = cjson.decode(raw)
+if entry['away'] == nil or (mark ~= '' and entry['away'] ~= mark) then return 0 end
+leave_away(prefix, room, client_id, entry, left)
+redis.call('PUBLISH', KEYS[2], '')
+return 1
+"""
+)
+
+# Remove a dead process's clients from their rooms and tell each room they left; an away one
+# stays until its grace ends (a later run takes it), so that its tab may still come back.
+REAP = (
+    NOW_MS
+    + LEAVE_AWAY
+    + """
+local processes, members_of_dead, alive, lobby = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local dead, timestamp, prefix = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('EXISTS', alive) == 1 then return -1 end
-local entries = redis.call('SMEMBERS', members_of_dead)
-for _, entry in ipairs(entries) do
-  local bar = string.find(entry, '|', 1, true)
-  local room, client_id = string.sub(entry, 1, bar - 1), string.sub(entry, bar + 1)
-  local members = prefix .. 'room:' .. room .. ':members'
-  local member = redis.call('HGET', members, client_id)
-  if member then
-    redis.call('HDEL', members, client_id)
-    local count = redis.call('HLEN', members)
-    if count == 0 then redis.call('ZREM', rooms, room) else redis.call('ZADD', rooms, count, room) end
-    local name = cjson.decode(member)['username']
-    local left = cjson.encode({type = 'user_left', username = name, client_id = client_id,
-                               message = name .. ' left the room', timestamp = timestamp})
-    redis.call('PUBLISH', prefix .. 'room:' .. room .. ':events', '\\t\\n' .. left)
+local now, removed, kept = now_ms(), 0, 0
+for _, listed in ipairs(redis.call('SMEMBERS', members_of_dead)) do
+  local bar = string.find(listed, '|', 1, true)
+  local room, client_id = string.sub(listed, 1, bar - 1), string.sub(listed, bar + 1)
+  local raw = redis.call('HGET', prefix .. 'room:' .. room .. ':members', client_id)
+  local entry = raw and cjson.decode(raw)
+  if entry and entry['process'] == dead and entry['away'] ~= nil and entry['until'] > now then
+    kept = kept + 1
+  elseif entry and entry['process'] == dead then
+    local left = cjson.encode({type = 'user_left', username = entry['username'], client_id = client_id,
+                               message = entry['username'] .. ' left the room', timestamp = timestamp})
+    leave_away(prefix, room, client_id, entry, left)
+    removed = removed + 1
+  else
+    redis.call('SREM', members_of_dead, listed)
   end
 end
-redis.call('DEL', members_of_dead)
+if kept == 0 then
+  redis.call('DEL', members_of_dead)
+  redis.call('SREM', processes, dead)
+end
 local seats_of_dead = prefix .. 'process:' .. dead .. ':seats'
 for _, address in ipairs(redis.call('SMEMBERS', seats_of_dead)) do
   redis.call('HDEL', prefix .. 'seats:' .. address, dead)
 end
 redis.call('DEL', seats_of_dead)
-redis.call('SREM', processes, dead)
 redis.call('PUBLISH', lobby, '')
-return #entries
+return removed
 """
+)

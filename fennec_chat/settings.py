@@ -61,6 +61,12 @@ class Settings:
     ping_timeout: float = setting(
         20.0, "CHAT_PING_TIMEOUT", "seconds to wait for a pong before dropping a client"
     )
+    leave_grace: float = setting(
+        5.0,
+        "CHAT_LEAVE_GRACE",
+        "seconds a member whose connection dropped (or who reloaded: 1001) stays, shown away, before "
+        "the room hears it left; its tab's ?session= coming back continues it unnoticed (0: off)",
+    )
     history: bool = setting(
         True, "CHAT_HISTORY", "keep message history (--no-history: none, no ids, no resume)"
     )
@@ -226,6 +232,7 @@ class Settings:
             "history_resume_max",
             "handshake_timeout",
             "history_days",
+            "leave_grace",
             "max_rooms",
         ):
             if getattr(self, name) < 0:

@@ -11,6 +11,7 @@ from websockets.exceptions import InvalidState
 from websockets.http11 import Request
 from websockets.protocol import State
 
+from .leave_grace import NO_CLOSE_FRAME
 from .limits import TokenBucket
 from .outbox import WRITE_NOW
 from .protocol import CloseCode
@@ -68,6 +69,11 @@ class WriteNowWebSocketProtocol(WebSocketsSansIOProtocol):
             self.scope["extensions"][WRITE_NOW] = self.write_now
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.handshake_complete and self.conn.close_rcvd is None and not self.close_sent:
+            # uvicorn reports a connection that ended without a close frame as 1005 ("no status"),
+            # as if the peer had closed without a code; it is 1006, and its tab may be back
+            # (leave_grace.py). The app reads this first; uvicorn's 1005 after it goes unread.
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": NO_CLOSE_FRAME})
         super().connection_lost(exc)
         if self.abort_timer is not None:  # it would keep this protocol alive for nothing
             self.abort_timer.cancel()

@@ -324,7 +324,7 @@ async def test_a_resent_client_msg_id_reaches_the_others_once_and_acknowledges_t
     receipt = await again.expect("message")
     assert receipt == original  # the original event: same id, the first connection's client_id
     assert receipt["client_id"] == sender_id
-    await bystander.wait_for("user_joined")
+    await bystander.wait_for("user_back")  # the same tab, back at once: not a leave (leave_grace.py)
     await bystander.expect_silence(0.5)
 
     newcomer = await server.connect(f"/ws/chat/{room}")

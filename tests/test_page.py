@@ -218,9 +218,13 @@ async def test_a_new_name_shows_in_the_other_page_and_survives_a_reload(browser,
     await alice.page.reload()
     await alice.wait_connected()
     await expect(alice.page.locator("#name-input")).to_have_value("Alice")
-    # The reloaded tab joins under its name: no default name, no rename.
-    await expect(bob.page.locator("#messages .system-line", has_text="Alice joined the room")).to_be_visible()
+    # The reloaded tab is back under its name: no default name, no rename, and (a reload is not
+    # a leave) no "left" or "joined" line either.
+    await alice.say("back again")
+    await expect(bob.message_with("back again").locator(".author")).to_have_text("Alice")
     await expect(bob.page.locator("#messages .system-line", has_text="is now known as")).to_have_count(1)
+    for line in ("Alice left the room", "Alice joined the room"):
+        await expect(bob.page.locator("#messages .system-line", has_text=line)).to_have_count(0)
     await alice.close()
     await bob.close()
 

@@ -121,6 +121,9 @@ async def test_a_skipped_delivery_is_healed_in_order_and_nothing_shows_twice(bro
     await bob.say("five")
     await expect(alice.messages.locator(".text")).to_have_text(["one", "two", "three", "four", "five"])
     await expect(alice.page.locator("#messages .system-line", has_text="Reconnected")).to_have_count(0)
+    # Closed with 4100 to resume at once: for Bob, Alice never left (nor joined again).
+    for line in ("Alice left the room", "Alice joined the room"):
+        await expect(bob.page.locator("#messages .system-line", has_text=line)).to_have_count(0)
     await bob.close()
     await alice.close()
 

@@ -193,7 +193,7 @@ async def test_a_resend_to_the_other_process_is_still_exactly_once(two_servers, 
     await again.joined()
     await again.send(type="message", message="once", client_msg_id="m-1")
     assert await again.expect("message") == original
-    await bystander.wait_for("user_joined")
+    await bystander.wait_for("user_back")  # the same tab, back on the other process: not a leave
     await bystander.expect_silence(0.5)
     await bystander.close()
     await again.close()

@@ -28,12 +28,14 @@ from .events import (
     presence,
     rooms_update,
     typing,
+    user_away,
+    user_back,
     user_joined,
     user_left,
     username_changed,
     welcome,
 )
-from .names import check_username, room_name_problem
+from .names import check_username, default_username, room_name_problem
 
 __all__ = [
     "UNREADABLE",
@@ -49,6 +51,7 @@ __all__ = [
     "Typing",
     "chat_message",
     "check_username",
+    "default_username",
     "earlier_messages",
     "encode",
     "error",
@@ -62,6 +65,8 @@ __all__ = [
     "room_name_problem",
     "rooms_update",
     "typing",
+    "user_away",
+    "user_back",
     "user_joined",
     "user_left",
     "username_changed",

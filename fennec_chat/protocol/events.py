@@ -24,6 +24,7 @@ class CloseCode(IntEnum):
     # too many new rooms from one address, or too many rooms on the server.
     TRY_AGAIN_LATER = 1013
     KICKED = 4001  # an admin removed the client (an application code: 4000-4999)
+    RECONNECTING = 4100  # sent by a client that closes to reconnect at once: not a leave
     KEEPALIVE_TIMEOUT = 4408  # no pong came back in time: the connection is presumed dead
 
 
@@ -106,7 +107,9 @@ def limits(settings: Settings) -> dict[str, float]:
     }
 
 
-def presence(room: str, users: list[dict[str, str]]) -> dict[str, Any]:
+def presence(room: str, users: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everyone in the room: {client_id, username}, and `"away": true` for a member whose
+    connection dropped a moment ago (it may be back within --leave-grace)."""
     return {"type": "presence", "room": room, "users": users, "timestamp": now()}
 
 
@@ -128,6 +131,17 @@ def user_left(username: str, client_id: str) -> dict[str, Any]:
         "message": f"{username} left the room",
         "timestamp": now(),
     }
+
+
+def user_away(username: str, client_id: str) -> dict[str, Any]:
+    """Its connection dropped without a goodbye (a reload, a lost network): `user_back` if it
+    returns within --leave-grace, else `user_left`. Not a leave: a seed client ignores it."""
+    return {"type": "user_away", "username": username, "client_id": client_id, "timestamp": now()}
+
+
+def user_back(username: str, client_id: str) -> dict[str, Any]:
+    """An away member is back (the same tab's ?session=, name and token): it never left."""
+    return {"type": "user_back", "username": username, "client_id": client_id, "timestamp": now()}
 
 
 def chat_message(

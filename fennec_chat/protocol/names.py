@@ -77,3 +77,8 @@ def _most_combining_marks(text: str) -> int:
 
 def is_control(ch: str) -> bool:
     return unicodedata.category(ch) in ("Cc", "Zl", "Zp")
+
+
+def default_username(client_id: str) -> str:
+    """The name of a member that gave none."""
+    return f"User-{client_id[:8]}"
