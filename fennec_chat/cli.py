@@ -25,13 +25,12 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
+from . import uvicorn_contract
 from .fennec_fixes import StartupError
 from .gate import Tokens
 from .logs import log_config
 from .protocol import Rejection, check_username
 from .settings import Settings, strict_int
-from .uvicorn_http import BoundedHttpProtocol
-from .uvicorn_websocket import WriteNowWebSocketProtocol
 
 logger = logging.getLogger("uvicorn.error")  # start-up failures read like uvicorn's own lines
 
@@ -45,13 +44,13 @@ def main(
         print(mint_token(argv[1:], settings))
         return
     settings.apply_flags(argv)
-    BoundedHttpProtocol.configure(settings)
+    protocols = uvicorn_protocols(settings)  # before the export: it may set --ws-protocol stock
     workers = settings.workers > 1
     if workers:  # each worker imports the app afresh and reads its settings from the environment
         settings.export_to(os.environ)
         sys.path.insert(0, str(app_dir))
     config = uvicorn.Config(
-        app_module if workers else app, workers=settings.workers, **uvicorn_options(settings)
+        app_module if workers else app, workers=settings.workers, **uvicorn_options(settings, protocols)
     )
     try:
         check_certificate(settings)
@@ -170,14 +169,47 @@ def bind(settings: Settings) -> socket.socket:
     return listener
 
 
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
+def uvicorn_protocols(settings: Settings) -> dict[str, Any]:
+    """Our HTTP and WebSocket protocols, each unless this uvicorn or websockets lacks an internal
+    it needs (uvicorn_contract.py): then uvicorn's own, and one warning line that says what is
+    missing. `--ws-protocol stock` asks for uvicorn's own WebSocket protocol."""
+    chosen: dict[str, Any] = {"http": "httptools", "ws": "websockets-sansio"}
+    if missing := uvicorn_contract.broken(uvicorn_contract.HTTP_PROTOCOL):
+        warn(
+            f"the bounded HTTP protocol needs what this uvicorn lacks ({'; '.join(missing)}): running on "
+            "uvicorn's own, without the request deadline and size limit (README: pinned versions)"
+        )
+    else:
+        from .uvicorn_http import BoundedHttpProtocol  # uvicorn's httptools, + a deadline and a size limit
+
+        BoundedHttpProtocol.configure(settings)
+        chosen["http"] = BoundedHttpProtocol
+    if settings.ws_protocol != "fast":
+        return chosen
+    if missing := uvicorn_contract.broken(uvicorn_contract.WEBSOCKET_PROTOCOL):
+        settings.ws_protocol = "stock"
+        warn(
+            f"the fast WebSocket protocol needs what this uvicorn or websockets lacks "
+            f"({'; '.join(missing)}): running on uvicorn's own, slower (README: pinned versions)"
+        )
+    else:
+        from .uvicorn_websocket import WriteNowWebSocketProtocol  # websockets-sansio, + write_now, - memory
+
+        chosen["ws"] = WriteNowWebSocketProtocol
+    return chosen
+
+
+def warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def uvicorn_options(settings: Settings, protocols: dict[str, Any]) -> dict[str, Any]:
     return {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
         "lifespan": "on",
-        "http": BoundedHttpProtocol,  # uvicorn's httptools, + a deadline and a size limit per request
-        "ws": WriteNowWebSocketProtocol,  # uvicorn's websockets-sansio, + write_now, - memory
+        **protocols,
         "ws_max_size": settings.max_frame_bytes,
         "ws_per_message_deflate": settings.ws_compression,
         "ws_ping_interval": settings.ping_interval or None,

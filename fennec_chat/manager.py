@@ -371,6 +371,7 @@ class ChatManager(FanOutManager):
         return {
             "tasks": len(asyncio.all_tasks()),
             "status": "ok" if backplane["connected"] else "degraded",
+            "ws_protocol": self.settings.ws_protocol,  # "stock" when the fast one could not be used
             "connections": len(self.connections),
             "rooms": len(self.rooms),
             "chat_clients": len(self.clients) - len(self.lobby.watchers),

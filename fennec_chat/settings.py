@@ -140,6 +140,12 @@ class Settings:
     )
     ssl_certfile: str = setting("", "CHAT_SSL_CERTFILE", "certificate (PEM) to serve https:// and wss://")
     ssl_keyfile: str = setting("", "CHAT_SSL_KEYFILE", "private key (PEM) of --ssl-certfile")
+    ws_protocol: str = setting(
+        "fast",
+        "CHAT_WS_PROTOCOL",
+        "'fast': ours (writes an event to every socket at once, less memory, bounded pongs), or uvicorn's "
+        "own if this uvicorn lacks what it needs (a warning says what); 'stock': uvicorn's own",
+    )
     ws_compression: bool = setting(
         False,
         "CHAT_WS_COMPRESSION",
@@ -251,6 +257,8 @@ class Settings:
                 raise ValueError(f"{name} must not be negative")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+        if self.ws_protocol not in ("fast", "stock"):
+            raise ValueError(f"ws_protocol must be 'fast' or 'stock', not {self.ws_protocol!r}")
         if self.redis_heartbeat <= 0:
             raise ValueError("redis_heartbeat must be positive")
         if self.workers > 1 and not self.redis_url:

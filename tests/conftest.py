@@ -12,13 +12,41 @@ from tests.browser import CHROMIUM_ARGS, chromium_path, optional_part_missing
 from tests.redis_process import RedisProcess
 from tests.server_process import ServerProcess, log_path
 
+# These modules test the protocol itself: each of their tests runs on our fast WebSocket protocol
+# and on uvicorn's stock one (--ws-protocol stock, which the server also falls back to when this
+# uvicorn lacks what the fast one needs: fennec_chat/uvicorn_contract.py).
+ON_BOTH_PROTOCOLS = {"test_chat_room", "test_bad_input", "test_fanout"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rpartition(".")[2]
+    if "ws_protocol" in metafunc.fixturenames and module in ON_BOTH_PROTOCOLS:
+        metafunc.parametrize("ws_protocol", ["fast", "stock"])
+
+
+@pytest.fixture
+def ws_protocol() -> str:
+    return "fast"
+
 
 @pytest.fixture(scope="session")
-def server() -> Iterator[ServerProcess]:
-    """One server shared by the tests that only need the defaults (each uses its own rooms)."""
+def fast_server() -> Iterator[ServerProcess]:
     process = ServerProcess([], {}, log_path("shared")).start()
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def stock_server() -> Iterator[ServerProcess]:
+    process = ServerProcess(["--ws-protocol", "stock"], {}, log_path("shared-stock")).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def server(ws_protocol: str, request: pytest.FixtureRequest) -> ServerProcess:
+    """A server shared by the tests that only need the defaults (each uses its own rooms)."""
+    return request.getfixturevalue(f"{ws_protocol}_server")
 
 
 @pytest.fixture(scope="session")
@@ -30,13 +58,15 @@ def limited_server() -> Iterator[ServerProcess]:
 
 
 @pytest.fixture
-def start_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., ServerProcess]]:
+def start_server(request: pytest.FixtureRequest, ws_protocol: str) -> Iterator[Callable[..., ServerProcess]]:
     """Start a dedicated server with extra flags or environment; stopped after the test."""
     started: list[ServerProcess] = []
 
     def start(
         *args: str, env: dict[str, str] | None = None, limits: bool = False, plain_uvicorn: bool = False
     ) -> ServerProcess:
+        if ws_protocol != "fast":
+            args = (*args, "--ws-protocol", ws_protocol)
         name = f"{request.node.name}-{len(started)}"
         process = ServerProcess(
             list(args), env or {}, log_path(name), limits=limits, plain_uvicorn=plain_uvicorn
