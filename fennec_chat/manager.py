@@ -24,7 +24,7 @@ from .gate import ANONYMOUS, Identity
 from .history import History
 from .leave_grace import Away, session_digest
 from .lobby import LOBBY_ROOMS, Lobby, room_list
-from .outbox import Outbox
+from .outbox import Outbox, text_frame
 from .protocol import CloseCode, ErrorCode, default_username
 from .room_history import RoomHistory
 from .settings import Settings
@@ -220,7 +220,7 @@ class ChatManager(FanOutManager):
         """
         clients = self.clients
         limit = self.settings.outbox_limit
-        data = text.encode()  # once for everyone: written straight to the sockets that have room
+        frame = text_frame(text.encode())  # once for everyone: the same bytes for every socket
         overflowed = []
         catching_up = Stage.CATCHING_UP  # a local: an enum member through its class is slow
         for client_id in recipients:
@@ -234,7 +234,7 @@ class ChatManager(FanOutManager):
                 # behind everyone else's and meanwhile gets everyone's user_joined.
                 if len(client.held) > HELD_PER_OUTBOX_LIMIT * limit:
                     overflowed.append(client)
-            elif not client.outbox.put(text, data):
+            elif not client.outbox.put(text, frame):
                 overflowed.append(client)
         for client in overflowed:
             reason = f"too slow: more than {limit} events waiting"

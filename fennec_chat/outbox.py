@@ -11,9 +11,27 @@ from collections.abc import Callable
 from fennec import WebSocket
 
 # The ASGI scope extension through which a server may offer a synchronous write: a callable
-# that writes one UTF-8 text frame unless that would mean waiting (then it returns False).
+# that writes one whole WebSocket frame made by `text_frame`, unless that would mean waiting or
+# the connection's frames are not plain (an extension such as compression was negotiated): then
+# it returns False and the event takes the ordinary ASGI `send`.
 # fennec_chat/uvicorn_websocket.py offers it; under any other server the outbox does without.
 WRITE_NOW = "fennec_chat.write_now"
+
+
+# A frame's header bytes, by its second byte (the length, or 126/127: 2 or 8 bytes follow).
+HEADER_BYTES = [2] * 126 + [4, 10]
+
+
+def text_frame(data: bytes) -> bytes:
+    """`data` (UTF-8) as one final, unmasked text frame (RFC 6455, section 5.2). A server's
+    frames are never masked, so for every recipient without an extension these are the same
+    bytes: a broadcast builds them once and writes them to every socket that can take them."""
+    length = len(data)
+    if length < 126:
+        return bytes((0x81, length)) + data
+    if length < 65536:
+        return b"\x81\x7e" + length.to_bytes(2, "big") + data
+    return b"\x81\x7f" + length.to_bytes(8, "big") + data
 
 
 class OutboxState(enum.Enum):
@@ -63,22 +81,23 @@ class Outbox:
         self._write_now: Callable[[bytes], bool] | None = websocket.scope.get("extensions", {}).get(WRITE_NOW)
         self._writer = asyncio.create_task(self._write_until_closed())
 
-    def put(self, text: str, data: bytes) -> bool:
-        """Send or queue one encoded event (`data` is `text` in UTF-8). False means the client
-        is too far behind to keep."""
+    def put(self, text: str, frame: bytes) -> bool:
+        """Send or queue one encoded event (`frame` is `text_frame` of it, shared by every
+        recipient of a broadcast). False means the client is too far behind to keep."""
         if self.state is not OPEN:
             return True  # the socket is closing or gone: late events have nobody to reach
         # Straight to the socket only when the writer is idle: it keeps the order otherwise.
-        if self._waiter is not None and self._write_now is not None and self._write_now(data):
+        if self._waiter is not None and self._write_now is not None and self._write_now(frame):
             return True
         # Bytes count once something waits: one event bigger than the limit (a long history
         # page) still gets through to a client that reads.
+        size = len(frame) - HEADER_BYTES[frame[1]]  # the event's own bytes, as --outbox-bytes says
         if len(self._pending) >= self._limit or (
-            self._pending and self._pending_bytes + len(data) > self._byte_limit
+            self._pending and self._pending_bytes + size > self._byte_limit
         ):
             return False
-        self._pending.append((text, len(data)))
-        self._pending_bytes += len(data)
+        self._pending.append((text, size))
+        self._pending_bytes += size
         self._wake_writer()
         return True
 

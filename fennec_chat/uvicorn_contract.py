@@ -72,11 +72,10 @@ WEBSOCKET_PROTOCOL = (
     ),
     Internal(
         "websockets.server:ServerProtocol",
-        methods={"send_text": ("data", "fin"), "send_close": ("code", "reason"), "data_to_send": ()},
-        attributes=("state", "close_rcvd"),
+        methods={"send_close": ("code", "reason"), "data_to_send": ()},
+        attributes=("state", "close_rcvd", "extensions"),
     ),
     Internal("websockets.protocol:State", attributes=("OPEN",)),
-    Internal("websockets.exceptions:InvalidState"),
     Internal("websockets.http11:Request"),
 )
 

@@ -7,7 +7,6 @@ from asyncio import BaseTransport
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.exceptions import InvalidState
 from websockets.http11 import Request
 from websockets.protocol import State
 
@@ -83,18 +82,22 @@ class WriteNowWebSocketProtocol(WebSocketsSansIOProtocol):
         if hasattr(self, "scope"):
             self.scope["extensions"].pop(WRITE_NOW, None)
 
-    def write_now(self, data: bytes) -> bool:
-        """Write a text frame (`data`: UTF-8) unless that would mean waiting: False if the
-        socket is not open or its buffer is full (the caller then queues it for `send`)."""
+    def write_now(self, frame: bytes) -> bool:
+        """Write one whole text frame (outbox.text_frame, built once for a whole broadcast)
+        unless that would mean waiting: False if the socket is not open, its buffer is full, or
+        it negotiated an extension (compression makes each socket's frames its own). The caller
+        then queues the event for `send`, which websockets frames (and compresses) per socket."""
         if self.close_sent or self.disconnected or not self.writable.is_set():
             return False
         if not self.handshake_complete or self.initial_response is not None or self.transport.is_closing():
             return False
-        try:
-            self.conn.send_text(data)
-        except InvalidState:  # the peer has started closing
+        conn = self.conn
+        if conn.state is not State.OPEN or conn.extensions:  # closing, or not plain frames
             return False
-        self.transport.write(b"".join(self.conn.data_to_send()))
+        # Past websockets' ServerProtocol, which would build the same frame again for every
+        # socket: a whole frame between two others never confuses the peer, and websockets keeps
+        # no count of what was sent.
+        self.transport.write(frame)
         return True
 
     def handle_ping(self) -> None:

@@ -24,11 +24,13 @@ import pytest
 import uvicorn
 from fennec import Application, WebSocket, WebSocketRouter
 from websockets.asyncio.client import connect
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
 
 from fennec_chat.backplane import Listener, LocalBackplane, RoomEvent
 from fennec_chat.lobby import LOBBY_ROOMS, LOBBY_USERNAMES, Lobby, Throttle, room_list
 from fennec_chat.manager import ChatManager
-from fennec_chat.outbox import WRITE_NOW, Outbox, OutboxState
+from fennec_chat.outbox import WRITE_NOW, Outbox, OutboxState, text_frame
 from fennec_chat.protocol import CloseCode
 from fennec_chat.settings import Settings
 from fennec_chat.sqlite_history import SQLiteHistory
@@ -96,13 +98,25 @@ class WriteNow:
         self.calls = 0
         self.taken: list[bytes] = []  # the very objects handed over
 
-    def __call__(self, data: bytes) -> bool:
+    def __call__(self, frame: bytes) -> bool:
         self.calls += 1
         if not self.room:
             return False
-        self.taken.append(data)
-        self.peer.wire.append(("write_now", data.decode()))
+        self.taken.append(frame)
+        self.peer.wire.append(("write_now", payload_of(frame).decode()))
         return True
+
+
+def payload_of(frame: bytes) -> bytes:
+    """What a server's text frame carries (a whole, unmasked frame: RFC 6455, 5.2)."""
+    assert frame[0] == 0x81, frame[:2]  # final, text
+    length, start = frame[1], 2
+    if length == 126:
+        length, start = int.from_bytes(frame[2:4], "big"), 4
+    elif length == 127:
+        length, start = int.from_bytes(frame[2:10], "big"), 10
+    assert len(frame) == start + length
+    return frame[start:]
 
 
 async def open_socket(peer: Peer, write_now: WriteNow | None = None) -> WebSocket:
@@ -126,7 +140,7 @@ def writer_of(outbox: Outbox) -> asyncio.Task[None]:
 
 
 def put(outbox: Outbox, text: str) -> bool:
-    return outbox.put(text, text.encode())
+    return outbox.put(text, text_frame(text.encode()))
 
 
 async def eventually(condition: Callable[[], bool], timeout: float = WAIT) -> None:
@@ -485,7 +499,7 @@ class Endpoint:
         outbox = Outbox(websocket, limit=1000, byte_limit=64 << 20)
         await settle()  # its writer idle: write_now may be used
         for text in outbox_events():
-            assert outbox.put(text, text.encode())
+            assert outbox.put(text, text_frame(text.encode()))
         self.all_put.set()
         outbox.close(1000, "that was all", discard=False)
         await outbox.wait_closed(WAIT)
@@ -798,8 +812,8 @@ async def test_every_lobby_watcher_gets_the_same_encoded_bytes_of_the_bounded_li
     await asyncio.sleep(3 * INTERVAL)
     assert [len(w.taken) for w in watchers] == [2, 2, 2]  # one push for the whole burst
     pushed = [w.taken[1] for w in watchers]
-    assert all(data is pushed[0] for data in pushed)  # encoded once, the same bytes for all
-    event = json.loads(pushed[0])
+    assert all(data is pushed[0] for data in pushed)  # framed once, the same bytes for all
+    event = json.loads(payload_of(pushed[0]))
     busiest = sorted(sizes, key=lambda room: (-sizes[room], room))[:100]
     assert list(event["rooms"]) == busiest
     assert {room: listed["users"] for room, listed in event["rooms"].items()} == {
@@ -896,3 +910,16 @@ def test_the_recording_listener_has_every_method_of_the_listener_protocol():
     wanted = {name for name in vars(Listener) if not name.startswith("_")}
     assert wanted, "no methods found on Listener"
     assert wanted <= set(vars(Recorder)), wanted - set(vars(Recorder))
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_a_text_frame_built_once_is_what_websockets_itself_reads(length):
+    """Every length field of RFC 6455's frame header: 7 bits (< 126), 16 bits, 64 bits."""
+    payload = ("é" * length).encode()[:length]
+    reader = StreamReader()
+    reader.feed_data(text_frame(payload))
+    parser = Frame.parse(reader.read_exact, mask=False, max_size=None, extensions=[])
+    with pytest.raises(StopIteration) as parsed:
+        next(parser)
+    frame = parsed.value.value
+    assert (frame.opcode, frame.fin, frame.data) == (Opcode.TEXT, True, payload)

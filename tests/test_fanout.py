@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from fennec_chat.protocol import encode
 from tests.chat_client import ChatClient
 
 
@@ -192,3 +193,33 @@ async def test_a_crowd_joining_at_once_is_either_seated_or_closed_with_1013(star
     assert 1013 in codes, "no newcomer overflowed: the test no longer exercises the path"
     assert set(codes) <= {1000, 1013}, codes
     server.assert_no_errors()
+
+
+async def test_events_of_every_frame_size_arrive_whole_to_plain_and_compressed_members(start_server, room):
+    """A broadcast frames an event once and writes the same bytes to every plain socket; a
+    socket that negotiated compression gets its own frames. Sizes cross the length fields of a
+    frame header: 7 bits, 16 bits and, for a newcomer's long history, 64 bits."""
+    server = start_server("--ws-compression")
+    plain = await server.connect(f"/ws/chat/{room}?username=p", compression=None)
+    await plain.joined()
+    squeezed = await server.connect(f"/ws/chat/{room}?username=d", compression="deflate")
+    assert "permessage-deflate" in squeezed.ws.response.headers.get("Sec-WebSocket-Extensions", "")
+    await squeezed.joined()
+    await plain.expect("user_joined", username="d")
+
+    await squeezed.send(type="typing")
+    await plain.expect("typing", username="d")
+    texts = ["x" * n for n in (1, 100, 2000)] + ["é" * 2000]  # events of ~200 bytes to ~4 KiB
+    for _ in range(14):  # enough that a newcomer's history of 50 is over 64 KiB
+        for text in texts:
+            await plain.send(type="message", message=text)
+    for member in (plain, squeezed):
+        received = [event["message"] for event in [await member.wait_for("message") for _ in range(56)]]
+        assert received == texts * 14
+
+    for compression in (None, "deflate"):
+        newcomer = await server.connect(f"/ws/chat/{room}?username=n", compression=compression)
+        await newcomer.joined()
+        assert [m["message"] for m in newcomer.history["messages"]] == (texts * 14)[-50:]
+        assert len(encode(newcomer.history).encode()) > 65536
+        await newcomer.close()
