@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from abc import ABC, abstractmethod
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -186,13 +186,17 @@ class Seats(Counter[str]):
 class LocalBackplane(Backplane):
     """One process: events go straight back to the manager, messages once they are stored.
 
-    A room's other events wait behind its messages still being stored, so that a room's
-    events keep the order in which they happened (a message, then its author's rename).
+    A room's other events wait behind its messages still being stored, in one queue per room,
+    so that a room's events keep the order in which they happened (a message, then its author's
+    rename). The queue is drained in order as messages are stored: an event never waits in a
+    callback of its own, where a later event could overtake it.
     """
 
     def __init__(self, history: History | None) -> None:
         self.history = history
-        self._storing: dict[str, asyncio.Future[Stored]] = {}  # room → its newest message being stored
+        # room → what waits, in order: a message being stored (its future) or another event.
+        self._waiting: dict[str, deque[asyncio.Future[Stored] | RoomEvent]] = {}
+        self._delivered: dict[str, int] = {}  # room → newest id delivered, while more wait
         self._deliver: Callable[[RoomEvent], None] = lambda event: None
         self._rooms: set[str] = set()  # rooms with members, connected or away
         self._connected_rooms: set[str] = set()  # rooms with members connected
@@ -209,11 +213,11 @@ class LocalBackplane(Backplane):
             await self.history.close()
 
     def publish(self, event: RoomEvent) -> None:
-        storing = self._storing.get(event.room)
-        if storing is None:
+        waiting = self._waiting.get(event.room)
+        if waiting is None:
             self._deliver(event)
         else:
-            storing.add_done_callback(lambda _: self._deliver(event))
+            waiting.append(event)
 
     def publish_message(self, room: str, event: dict[str, Any], sender: str) -> asyncio.Future[Stored]:
         if self.history is None:
@@ -223,8 +227,8 @@ class LocalBackplane(Backplane):
             done.set_result(stored)
             return done
         storing = self.history.append(room, event, sender)
-        storing.add_done_callback(functools.partial(self._stored, room))
-        self._storing[room] = storing
+        self._waiting.setdefault(room, deque()).append(storing)
+        storing.add_done_callback(functools.partial(self._drain, room))
         return storing
 
     # One process: the manager's own clients are everyone.
@@ -268,7 +272,12 @@ class LocalBackplane(Backplane):
         pass
 
     async def heard(self, room: str, message_id: int) -> None:
-        pass  # stored and delivered in one step: every message in a read has been delivered
+        # A read sees what is committed; a committed message is delivered by the callback of
+        # its future, a moment later (the same turn of the loop, or the next).
+        for _ in range(1000):
+            if room not in self._waiting or self._delivered.get(room, 0) >= message_id:
+                return
+            await asyncio.sleep(0)
 
     async def members(self, room: str) -> dict[str, Member]:
         return {away.client_id: Member(away.username, away=True) for away in self._away.in_room(room)}
@@ -291,14 +300,32 @@ class LocalBackplane(Backplane):
     def state(self) -> dict[str, Any]:
         return {"kind": "local", "connected": True}
 
-    def _stored(self, room: str, storing: asyncio.Future[Stored]) -> None:
-        if self._storing.get(room) is storing:
-            del self._storing[room]
-        if storing.cancelled() or storing.exception() is not None:
-            return  # the sender hears of it from the manager
-        stored = storing.result()
-        if not stored.duplicate:
-            self._deliver(RoomEvent(room, stored.text, message_id=stored.event["id"]))
+    def _drain(self, room: str, upto: asyncio.Future[Stored] | None = None) -> None:
+        """Deliver what waits in the room's queue, in order: up to the message `upto`, whose
+        storing just finished (its sender's receipt for a resend, a callback of its own, comes
+        right after it), then, a moment later, the events that followed it, up to the next
+        message."""
+        waiting = self._waiting.get(room)
+        while waiting:
+            item = waiting[0]
+            if not isinstance(item, RoomEvent) and (upto is None or not item.done()):
+                break
+            waiting.popleft()
+            if isinstance(item, RoomEvent):
+                self._deliver(item)
+                continue
+            if not item.cancelled() and item.exception() is None:  # else the sender hears of it
+                stored = item.result()
+                if not stored.duplicate:
+                    self._delivered[room] = stored.event["id"]
+                    self._deliver(RoomEvent(room, stored.text, message_id=stored.event["id"]))
+            if item is upto:
+                break
+        if not waiting:
+            self._waiting.pop(room, None)
+            self._delivered.pop(room, None)
+        elif upto is not None and isinstance(waiting[0], RoomEvent):
+            asyncio.get_running_loop().call_soon(self._drain, room)
 
 
 def open_backplane(settings: Settings) -> Backplane:
