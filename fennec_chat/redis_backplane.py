@@ -43,6 +43,7 @@ from .settings import Settings
 logger = logging.getLogger("fennec_chat")
 
 REDIS_OPTIONS: dict[str, Any] = {"decode_responses": True, "socket_connect_timeout": 2, "socket_timeout": 5}
+READ_CONNECTIONS = 32  # at most, for the reads of one process; commands queue for a free one
 
 
 class RedisBackplane(RedisPresence, Backplane):
@@ -77,7 +78,13 @@ class RedisBackplane(RedisPresence, Backplane):
     async def start(self, listener: Listener) -> None:
         self._listener = listener
         url = self.settings.redis_url
-        self._redis = redis.from_url(url, **REDIS_OPTIONS)
+        # Reads (presence, history, the lobby) share a bounded pool; a crowd joining at once
+        # waits for a free connection rather than failing: redis-py's own pool raises
+        # "Too many connections" past 100 commands in flight.
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=READ_CONNECTIONS, timeout=REDIS_OPTIONS["socket_timeout"], **REDIS_OPTIONS
+        )
+        self._redis = redis.Redis(connection_pool=pool)
         self._writer = self._new_writer()
         try:
             await self._redis.ping()
