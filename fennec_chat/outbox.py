@@ -77,7 +77,9 @@ class Outbox:
         self._pending: list[tuple[str, int]] = []  # (event, its size in bytes)
         self._pending_bytes = 0
         self._close_frame: tuple[int, str] | None = None  # (code, reason) once CLOSING
-        self._waiter: asyncio.Future[None] | None = None  # set while the writer is idle
+        # Set while the writer is idle, and from the start: until its task first runs, nothing
+        # is queued for it to keep in order, so the first events may go straight to the socket.
+        self._waiter: asyncio.Future[None] | None = asyncio.get_running_loop().create_future()
         self._write_now: Callable[[bytes], bool] | None = websocket.scope.get("extensions", {}).get(WRITE_NOW)
         self._writer = asyncio.create_task(self._write_until_closed())
 

@@ -1,4 +1,4 @@
-"""The embedded history: SQLite, written by one thread of its own, never by the event loop."""
+"""The embedded history: SQLite, written by the event loop itself, one commit per loop turn."""
 
 from __future__ import annotations
 
@@ -6,13 +6,10 @@ import asyncio
 import contextlib
 import fcntl
 import json
-import queue
 import secrets
 import sqlite3
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from .fennec_fixes import StartupError
@@ -49,21 +46,17 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_by_sender_msg_id
 """
 
 
-@dataclass(slots=True)
-class _Job:
-    kind: str  # "append", "state", "messages", "before", "forget", "restart_wal" or "stop"
-    args: tuple
-    future: asyncio.Future | None = field(default=None)
-
-
 class SQLiteHistory(History):
-    """History in one SQLite file (or in memory), written by one thread of its own.
+    """History in one SQLite file (or in memory), written by the event loop, group-committed.
 
-    The event loop never touches the database: it queues jobs and awaits their futures. The
-    writer thread takes every job waiting in the queue at once and commits all the appends
-    among them in one transaction, so under load many messages share one commit. Commits do
-    not wait for the disk (WAL, synchronous=NORMAL); the WAL is copied into the database, with
-    the disk syncs that takes, by a second thread every second, so that no message waits for it.
+    A message is inserted the moment it is published, inside a transaction that stays open
+    until the end of the current turn of the event loop: every message published meanwhile
+    joins it, and one COMMIT (scheduled with `call_soon`) makes them all durable before any of
+    them is delivered. In WAL mode with synchronous=NORMAL a commit is a write into the WAL
+    file, with no disk sync: it survives the process being killed (only a power cut or an OS
+    crash may lose the last transactions), and it takes microseconds, so no message waits for
+    another thread. The WAL is copied into the database, with the disk syncs that takes, by a
+    thread of its own every second; the loop only starts the WAL over, rarely, between commits.
     """
 
     CHECKPOINT_EVERY = 1.0  # seconds
@@ -71,6 +64,7 @@ class SQLiteHistory(History):
     WAL_SOFT_LIMIT = 16 * 1024 * 1024  # bytes in the WAL: start it over when writing pauses...
     WAL_HARD_LIMIT = 64 * 1024 * 1024  # ...or at once, under a flood that never pauses
     EXPIRE_EVERY = 3600.0  # seconds between two looks for rooms idle past --history-days
+    EXPIRED_PER_TURN = 20  # rooms forgotten per loop turn: a big expiry never stalls the chat
 
     def __init__(self, path: str, retention: int, days: float = 0) -> None:
         self.path = path
@@ -78,16 +72,20 @@ class SQLiteHistory(History):
         self.max_age = days * 86400  # seconds; 0 keeps every room
         # Often enough that a room is gone within a tenth of its lifetime past its last message.
         self.expire_every = min(self.EXPIRE_EVERY, max(self.max_age / 10, 0.05)) if days else None
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Owned by the writer thread: the rooms in use. A room gets its row with its first
-        # message, so that merely visiting a room stores nothing.
+        # The rooms in use. A room gets its row with its first message, so that merely visiting
+        # a room stores nothing.
         self._rooms: dict[str, RoomState] = {}
-        self._last_write = 0.0  # time.monotonic() of the writer's last batch
+        # The transaction of this loop turn: what it holds, and what waits for its commit.
+        self._uncommitted: list[tuple[asyncio.Future[Stored], Stored]] = []
+        self._touched: set[str] = set()  # rooms whose last id and pruning the commit saves
+        self._commit_scheduled = False
+        self._last_write = 0.0  # time.monotonic() of the last commit
         self._lock_file: Any = None
         self._stopping = threading.Event()
         self._checkpointer: threading.Thread | None = None
+        self._expiry: asyncio.TimerHandle | None = None
 
     @property
     def on_disk(self) -> bool:
@@ -95,10 +93,6 @@ class SQLiteHistory(History):
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = self._loop.create_future()
-        # A busy event loop holds the GIL for up to the switch interval (5 ms) before the writer
-        # thread gets a turn, and every message waits for the writer: ask for shorter turns.
-        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         try:
             self._lock()
         except BlockingIOError as error:
@@ -110,12 +104,9 @@ class SQLiteHistory(History):
             raise StartupError(
                 f"cannot open the history database {self.path} (--db): {error.strerror or error}"
             ) from error
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="chat-history", daemon=True)
-        self._thread.start()
         try:
-            await ready
+            self._db = self._open()
         except Exception as error:
-            self._thread = None
             self._unlock()
             raise StartupError(f"cannot open the history database {self.path} (--db): {error}") from error
         if self.on_disk:
@@ -123,16 +114,23 @@ class SQLiteHistory(History):
                 target=self._checkpoint_forever, name="chat-checkpoints", daemon=True
             )
             self._checkpointer.start()
+        if self.expire_every is not None:
+            self._expiry = self._loop.call_soon(self._expire)
 
     async def close(self) -> None:
         self._stopping.set()
+        if self._expiry is not None:
+            self._expiry.cancel()
         if self._checkpointer is not None:
             await asyncio.to_thread(self._checkpointer.join)
             self._checkpointer = None
-        if self._thread is not None:
-            self._jobs.put(_Job("stop", ()))
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
+        if self._db is not None:
+            self._commit()
+            if self.on_disk:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # leave a tidy file behind
+            self._db.close()
+            self._db = None
         self._unlock()
 
     def _lock(self) -> None:
@@ -150,107 +148,15 @@ class SQLiteHistory(History):
             self._lock_file.close()  # closing releases the lock
             self._lock_file = None
 
-    def _checkpoint_forever(self) -> None:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA busy_timeout = 2000")
-        self.page_size = db.execute("PRAGMA page_size").fetchone()[0]
-        try:
-            while not self._stopping.wait(self.CHECKPOINT_EVERY):
-                frames, left = self._checkpoint(db)
-                # While messages keep coming, a checkpoint from here never catches up with the
-                # frames written meanwhile, so the WAL never starts over and grows without end.
-                # Only the writer can finish the job (between two batches, a few ms: the file
-                # is reused, not cut), once a few more passes from here have left it little:
-                # when writing pauses, or past a limit under a flood that never pauses.
-                wal_bytes = frames * self.page_size
-                idle = time.monotonic() - self._last_write > self.CHECKPOINT_EVERY / 2
-                if wal_bytes > self.WAL_HARD_LIMIT or (idle and wal_bytes > self.WAL_SOFT_LIMIT):
-                    for _ in range(5):
-                        if left <= self.LEFT_FOR_THE_WRITER:
-                            break
-                        _, left = self._checkpoint(db)
-                    self._jobs.put(_Job("restart_wal", ()))
-        finally:
-            db.close()
-
-    def _checkpoint(self, db: sqlite3.Connection) -> tuple[int, int]:
-        """Copy what the WAL holds into the database: (frames in the WAL, frames left to copy)."""
-        try:
-            _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error:
-            return 0, 0
-        return frames, max(0, frames - copied)
-
-    def append(self, room: str, event: dict[str, Any], sender: str) -> asyncio.Future[Stored]:
-        return self._submit("append", room, event, sender)
-
-    def forget(self, room: str) -> None:
-        if self._thread is not None:
-            self._jobs.put(_Job("forget", (room,)))
-
-    async def room_state(self, room: str) -> RoomState:
-        return await self._submit("state", room)
-
-    async def messages(self, room: str, after_id: int, limit: int) -> list[dict[str, Any]]:
-        return await self._submit("messages", room, after_id, limit)
-
-    async def before(self, room: str, before_id: int, limit: int) -> list[dict[str, Any]]:
-        return await self._submit("before", room, before_id, limit)
-
-    def _submit(self, kind: str, *args: Any) -> asyncio.Future:
-        if self._thread is None:
-            raise RuntimeError("history is not open")
-        future = asyncio.get_running_loop().create_future()
-        self._jobs.put(_Job(kind, args, future))
-        return future
-
-    # --- The writer thread ----------------------------------------------------------------
-
-    def _run(self, ready: asyncio.Future[None]) -> None:
-        try:
-            db = self._open()
-        except Exception as error:
-            self._resolve([(ready, None, error)])
-            return
-        self._resolve([(ready, None, None)])
-        next_expiry = time.monotonic()
-        try:
-            while True:
-                if self.expire_every is not None and time.monotonic() >= next_expiry:
-                    self._expire(db)
-                    next_expiry = time.monotonic() + self.expire_every
-                try:
-                    jobs = [self._jobs.get(timeout=self.expire_every)]
-                except queue.Empty:
-                    continue
-                while not self._jobs.empty():
-                    jobs.append(self._jobs.get_nowait())
-                stopping = any(job.kind == "stop" for job in jobs)
-                for job in jobs:
-                    if job.kind == "forget":
-                        self._rooms.pop(job.args[0], None)
-                work = [job for job in jobs if job.kind not in ("stop", "forget", "restart_wal")]
-                if work:
-                    self._resolve(self._work(db, work))
-                    self._last_write = time.monotonic()
-                if any(job.kind == "restart_wal" for job in jobs):
-                    with contextlib.suppress(sqlite3.Error):
-                        db.execute("PRAGMA wal_checkpoint(RESTART)")
-                if stopping:
-                    if self.on_disk:
-                        with contextlib.suppress(sqlite3.Error):
-                            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # leave a tidy file behind
-                    return
-        finally:
-            db.close()
-
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode = WAL")
         # NORMAL: a commit is in the WAL file before we broadcast; it survives the process being
         # killed (only a power cut may lose the last transactions).
         db.execute("PRAGMA synchronous = NORMAL")
-        db.execute("PRAGMA busy_timeout = 2000")
+        # The checkpoint thread never takes the write lock, so the loop waits for nobody; should
+        # it ever have to, it waits a moment, not seconds.
+        db.execute("PRAGMA busy_timeout = 100")
         # Never checkpoint on commit: that would make one message wait for the disk.
         if self.on_disk:
             db.execute("PRAGMA wal_autocheckpoint = 0")
@@ -265,50 +171,171 @@ class SQLiteHistory(History):
         db.executescript(INDEXES)
         return db
 
-    def _expire(self, db: sqlite3.Connection) -> None:
-        """Forget the rooms nobody has written in for --history-days: messages, ids and epoch."""
-        cutoff = time.time() - self.max_age
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("BEGIN IMMEDIATE")
-            expired = [room for (room,) in db.execute("SELECT room FROM rooms WHERE updated < ?", (cutoff,))]
-            db.execute(
-                "DELETE FROM messages WHERE room IN (SELECT room FROM rooms WHERE updated < ?)", (cutoff,)
-            )
-            db.execute("DELETE FROM rooms WHERE updated < ?", (cutoff,))
-            db.execute("COMMIT")
-            for room in expired:  # a member still there gets a new epoch with the next message
-                self._rooms.pop(room, None)
+    # --- The checkpoint thread: the disk syncs, away from the loop -----------------------------
 
-    def _work(self, db: sqlite3.Connection, jobs: list[_Job]) -> list[tuple]:
-        results: list[tuple] = []
-        appends = [job for job in jobs if job.kind == "append"]
-        if appends:
+    def _checkpoint_forever(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout = 2000")
+        self.page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        try:
+            while not self._stopping.wait(self.CHECKPOINT_EVERY):
+                frames, left = self._checkpoint(db)
+                # While messages keep coming, a checkpoint from here never catches up with the
+                # frames written meanwhile, so the WAL never starts over and grows without end.
+                # Only the writer can finish the job (between two commits, a few ms: the file
+                # is reused, not cut), once a few more passes from here have left it little:
+                # when writing pauses, or past a limit under a flood that never pauses.
+                wal_bytes = frames * self.page_size
+                idle = time.monotonic() - self._last_write > self.CHECKPOINT_EVERY / 2
+                if wal_bytes > self.WAL_HARD_LIMIT or (idle and wal_bytes > self.WAL_SOFT_LIMIT):
+                    for _ in range(5):
+                        if left <= self.LEFT_FOR_THE_WRITER:
+                            break
+                        _, left = self._checkpoint(db)
+                    assert self._loop is not None
+                    with contextlib.suppress(RuntimeError):  # the loop has closed
+                        self._loop.call_soon_threadsafe(self._restart_wal)
+        finally:
+            db.close()
+
+    def _checkpoint(self, db: sqlite3.Connection) -> tuple[int, int]:
+        """Copy what the WAL holds into the database: (frames in the WAL, frames left to copy)."""
+        try:
+            _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            return 0, 0
+        return frames, max(0, frames - copied)
+
+    def _restart_wal(self) -> None:
+        """Copy the little that is left and start the WAL file over (the loop is the writer)."""
+        if self._db is not None and not self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(RESTART)")
+
+    # --- The History interface, in the loop ----------------------------------------------------
+
+    def append(self, room: str, event: dict[str, Any], sender: str) -> asyncio.Future[Stored]:
+        db = self._opened()
+        assert self._loop is not None
+        stored = self._loop.create_future()
+        try:
+            if not db.in_transaction:
+                db.execute("BEGIN IMMEDIATE")
+            result = self._append(db, room, event, sender)
+        except Exception as error:
+            self._fail_turn(error)
+            stored.set_exception(error)
+            return stored
+        self._uncommitted.append((stored, result))
+        if not result.duplicate:
+            self._touched.add(room)
+        if not self._commit_scheduled:
+            # After every message published in this turn: they share the commit.
+            self._commit_scheduled = True
+            self._loop.call_soon(self._commit)
+        return stored
+
+    def forget(self, room: str) -> None:
+        if room not in self._touched:
+            self._rooms.pop(room, None)
+
+    async def room_state(self, room: str) -> RoomState:
+        return self._state(self._committed(), room)
+
+    async def messages(self, room: str, after_id: int, limit: int) -> list[dict[str, Any]]:
+        rows = self._committed().execute(
+            "SELECT event FROM messages WHERE room = ? AND id > ? ORDER BY id DESC LIMIT ?",
+            (room, after_id, limit),
+        )
+        return [json.loads(text) for (text,) in reversed(rows.fetchall())]
+
+    async def before(self, room: str, before_id: int, limit: int) -> list[dict[str, Any]]:
+        rows = self._committed().execute(
+            "SELECT event FROM messages WHERE room = ? AND id < ? ORDER BY id DESC LIMIT ?",
+            (room, before_id, limit),
+        )
+        return [json.loads(text) for (text,) in reversed(rows.fetchall())]
+
+    def _opened(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("history is not open")
+        return self._db
+
+    def _committed(self) -> sqlite3.Connection:
+        """The connection, with this turn's messages committed first: a reader sees only what
+        is durable (the writer's own connection would also see what is not, yet)."""
+        db = self._opened()
+        if db.in_transaction:
+            self._commit()
+        return db
+
+    # --- One transaction per loop turn ---------------------------------------------------------
+
+    def _commit(self) -> None:
+        """Commit this turn's messages, then hand them over, in the order they were published."""
+        self._commit_scheduled = False
+        waiting, self._uncommitted = self._uncommitted, []
+        db = self._db
+        if db is None or not db.in_transaction:
+            return
+        try:
+            for room in self._touched:
+                self._save_last_id_and_prune(db, room)
+            db.execute("COMMIT")
+        except Exception as error:
+            self._uncommitted = waiting
+            self._fail_turn(error)
+            return
+        finally:
+            self._touched.clear()
+        self._last_write = time.monotonic()
+        for future, result in waiting:
+            if not future.done():
+                future.set_result(result)
+
+    def _fail_turn(self, error: Exception) -> None:
+        """The transaction failed (a full disk...): nobody got its messages; their ids are free."""
+        db = self._db
+        if db is not None and db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        self._rooms.clear()
+        self._touched.clear()
+        waiting, self._uncommitted = self._uncommitted, []
+        for future, _ in waiting:
+            if not future.done():
+                future.set_exception(error)
+
+    def _expire(self) -> None:
+        """Forget the rooms nobody has written in for --history-days (messages, ids and epoch),
+        a few rooms per turn of the loop, between two commits."""
+        assert self._loop is not None
+        assert self.expire_every is not None
+        db, again = self._db, self.expire_every
+        if db is None:
+            return
+        if db.in_transaction:
+            again = 0  # this turn's messages are not committed yet: right after them
+        else:
             try:
                 db.execute("BEGIN IMMEDIATE")
-                stored = [self._append(db, *job.args) for job in appends]
-                for room in {job.args[0] for job in appends}:
-                    self._save_last_id_and_prune(db, room)
+                cutoff = time.time() - self.max_age
+                rows = db.execute(
+                    "SELECT room FROM rooms WHERE updated < ? LIMIT ?", (cutoff, self.EXPIRED_PER_TURN)
+                ).fetchall()
+                for (room,) in rows:
+                    db.execute("DELETE FROM messages WHERE room = ?", (room,))
+                    db.execute("DELETE FROM rooms WHERE room = ?", (room,))
                 db.execute("COMMIT")
-                results += [(job.future, result, None) for job, result in zip(appends, stored, strict=True)]
-            except Exception as error:
-                if db.in_transaction:
+            except sqlite3.Error:
+                with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
-                self._rooms.clear()  # ids handed out in the failed batch are free again
-                results += [(job.future, None, error) for job in appends]
-        for job in jobs:
-            if job.kind == "append":
-                continue
-            try:
-                if job.kind == "state":
-                    result: Any = self._state(db, job.args[0])
-                elif job.kind == "before":
-                    result = self._before(db, *job.args)
-                else:
-                    result = self._messages(db, *job.args)
-                results.append((job.future, result, None))
-            except Exception as error:
-                results.append((job.future, None, error))
-        return results
+            else:
+                for (room,) in rows:
+                    self._rooms.pop(room, None)  # a member still there gets a new epoch next time
+                if len(rows) == self.EXPIRED_PER_TURN:
+                    again = 0  # more to forget, after whatever else waits
+        self._expiry = self._loop.call_later(again, self._expire)
 
     def _state(self, db: sqlite3.Connection, room: str) -> RoomState:
         state = self._rooms.get(room)
@@ -347,32 +374,3 @@ class SQLiteHistory(History):
             (room, state.epoch, state.last_id, time.time()),
         )
         db.execute("DELETE FROM messages WHERE room = ? AND id <= ?", (room, state.last_id - self.retention))
-
-    def _messages(self, db: sqlite3.Connection, room: str, after_id: int, limit: int) -> list[dict[str, Any]]:
-        rows = db.execute(
-            "SELECT event FROM messages WHERE room = ? AND id > ? ORDER BY id DESC LIMIT ?",
-            (room, after_id, limit),
-        ).fetchall()
-        return [json.loads(text) for (text,) in reversed(rows)]
-
-    def _before(self, db: sqlite3.Connection, room: str, before_id: int, limit: int) -> list[dict[str, Any]]:
-        rows = db.execute(
-            "SELECT event FROM messages WHERE room = ? AND id < ? ORDER BY id DESC LIMIT ?",
-            (room, before_id, limit),
-        ).fetchall()
-        return [json.loads(text) for (text,) in reversed(rows)]
-
-    def _resolve(self, results: list[tuple]) -> None:
-        """Hand results to the event loop in one callback, so waiters resume in append order."""
-        if results and self._loop is not None:
-            self._loop.call_soon_threadsafe(_set_results, results)
-
-
-def _set_results(results: list[tuple]) -> None:
-    for future, result, error in results:
-        if future is None or future.done():
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
