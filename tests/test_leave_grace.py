@@ -54,11 +54,17 @@ async def watcher(server: ServerProcess, room: str) -> ChatClient:
     return client
 
 
-async def test_a_reload_is_neither_a_leave_nor_a_join_for_the_others(server, room):
+async def watched_alice(server: ServerProcess, room: str, tab: str) -> tuple[ChatClient, ChatClient, str]:
+    """Bob watching, and Alice of tab `tab` joining: (bob, alice, alice's client_id)."""
     bob = await watcher(server, room)
-    tab = new_session()
     alice, alice_id = await member(server, room, f"username=alice&session={tab}")
     await bob.expect("user_joined", client_id=alice_id)
+    return bob, alice, alice_id
+
+
+async def test_a_reload_is_neither_a_leave_nor_a_join_for_the_others(server, room):
+    tab = new_session()
+    bob, alice, alice_id = await watched_alice(server, room, tab)
 
     await alice.ws.close(1001)  # what a browser sends when the page reloads
     await bob.expect("user_away", client_id=alice_id, username="alice")
@@ -73,25 +79,17 @@ async def test_a_reload_is_neither_a_leave_nor_a_join_for_the_others(server, roo
     assert said["client_id"] == alice_id
 
 
-async def test_a_connection_lost_without_a_close_frame_is_away_not_gone(server, room):
-    bob = await watcher(server, room)
+@pytest.mark.parametrize(
+    "goodbye_less_end",
+    [
+        "abort",  # no close frame: a lost network, a crashed browser
+        "4100",  # the page's own close, when it resumes to heal a gap
+    ],
+)
+async def test_a_tab_that_ends_without_a_goodbye_is_away_not_gone(server, room, goodbye_less_end):
     tab = new_session()
-    alice, alice_id = await member(server, room, f"username=alice&session={tab}")
-    await bob.expect("user_joined", client_id=alice_id)
-
-    await alice.abort()  # no close frame: a lost network, a crashed browser
-    await bob.expect("user_away", client_id=alice_id)
-    _, returned_id = await member(server, room, f"username=alice&session={tab}")
-    assert returned_id == alice_id
-    assert await comings_and_goings(bob, 0.3) == [("user_back", alice_id)]
-
-
-async def test_a_client_closing_only_to_reconnect_4100_is_away_not_gone(server, room):
-    bob = await watcher(server, room)
-    tab = new_session()
-    alice, alice_id = await member(server, room, f"username=alice&session={tab}")
-    await bob.expect("user_joined", client_id=alice_id)
-    await alice.ws.close(4100, "reconnecting")  # the page's, when it resumes to heal a gap
+    bob, alice, alice_id = await watched_alice(server, room, tab)
+    await (alice.abort() if goodbye_less_end == "abort" else alice.ws.close(4100, "reconnecting"))
     await bob.expect("user_away", client_id=alice_id)
     _, returned_id = await member(server, room, f"username=alice&session={tab}")
     assert returned_id == alice_id
@@ -99,9 +97,7 @@ async def test_a_client_closing_only_to_reconnect_4100_is_away_not_gone(server, 
 
 
 async def test_a_deliberate_close_is_a_leave_at_once(server, room):
-    bob = await watcher(server, room)
-    alice, alice_id = await member(server, room, f"username=alice&session={new_session()}")
-    await bob.expect("user_joined", client_id=alice_id)
+    bob, alice, alice_id = await watched_alice(server, room, new_session())
 
     await alice.ws.close(1000)  # the page closes so when it switches rooms
     assert await comings_and_goings(bob, 0.5) == [("user_left", alice_id)]
@@ -137,10 +133,8 @@ async def test_presence_shows_an_away_member_as_away(server, room):
 
 async def test_a_member_away_longer_than_the_grace_leaves_and_returns_as_a_newcomer(start_server, room):
     server = start_server("--leave-grace", "0.5")
-    bob = await watcher(server, room)
     tab = new_session()
-    alice, alice_id = await member(server, room, f"username=alice&session={tab}")
-    await bob.expect("user_joined", client_id=alice_id)
+    bob, alice, alice_id = await watched_alice(server, room, tab)
     await alice.abort()
     started = time.monotonic()
     await bob.expect("user_away", client_id=alice_id)
@@ -154,19 +148,15 @@ async def test_a_member_away_longer_than_the_grace_leaves_and_returns_as_a_newco
 
 async def test_leave_grace_0_turns_it_off(start_server, room):
     server = start_server("--leave-grace", "0")
-    bob = await watcher(server, room)
-    alice, alice_id = await member(server, room, f"username=alice&session={new_session()}")
-    await bob.expect("user_joined", client_id=alice_id)
+    bob, alice, alice_id = await watched_alice(server, room, new_session())
     await alice.ws.close(1001)
     assert await comings_and_goings(bob, 0.5) == [("user_left", alice_id)]
 
 
 async def test_a_session_continues_only_the_same_name_and_nobody_else(start_server, room):
     server = start_server("--leave-grace", "1")
-    bob = await watcher(server, room)
     tab = new_session()
-    alice, alice_id = await member(server, room, f"username=alice&session={tab}")
-    await bob.expect("user_joined", client_id=alice_id)
+    bob, alice, alice_id = await watched_alice(server, room, tab)
     await alice.abort()
     await bob.expect("user_away", client_id=alice_id)
 
@@ -222,10 +212,8 @@ async def test_a_kicked_away_member_leaves_at_once_and_comes_back_as_a_newcomer(
 
 
 async def test_two_returns_of_one_tab_continue_the_member_once(server, room):
-    bob = await watcher(server, room)
     tab = new_session()
-    alice, alice_id = await member(server, room, f"username=alice&session={tab}")
-    await bob.expect("user_joined", client_id=alice_id)
+    bob, alice, alice_id = await watched_alice(server, room, tab)
     await alice.abort()
     await bob.expect("user_away", client_id=alice_id)
 
@@ -306,10 +294,8 @@ async def test_with_redis_a_tab_returning_to_another_process_continues_the_membe
     two_servers_with_grace, room
 ):
     one, two = two_servers_with_grace("5")
-    bob = await watcher(one, room)
     tab = new_session()
-    alice, alice_id = await member(one, room, f"username=alice&session={tab}")
-    await bob.expect("user_joined", client_id=alice_id)
+    bob, alice, alice_id = await watched_alice(one, room, tab)
     await alice.ws.close(1001)
     await bob.expect("user_away", client_id=alice_id)
     alice, returned_id = await member(two, room, f"username=alice&session={tab}")
@@ -383,9 +369,7 @@ async def test_uvicorn_itself_reports_a_lost_connection_as_1005_so_our_protocol_
     test fails, uvicorn says 1006 itself: delete the workaround in `connection_lost`."""
     for plain_uvicorn, expected in ((True, "user_left"), (False, "user_away")):
         server = start_server(plain_uvicorn=plain_uvicorn)
-        bob = await watcher(server, room)
-        alice, alice_id = await member(server, room, f"username=alice&session={new_session()}")
-        await bob.expect("user_joined", client_id=alice_id)
+        bob, alice, alice_id = await watched_alice(server, room, new_session())
         await alice.abort()
         await bob.expect(expected, client_id=alice_id)
 

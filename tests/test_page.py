@@ -11,10 +11,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
-from playwright.async_api import Browser, BrowserContext, Page, expect
+from playwright.async_api import Browser, BrowserContext, Page, WebSocketRoute, expect
 
 from tests.browser import PageProblems
 from tests.server_process import ARTIFACTS, ROOT, ServerProcess, free_port, log_path
@@ -39,21 +39,35 @@ class ChatPage:
 
     @classmethod
     async def open(
-        cls, browser: Browser, url: str, width: int = 1100, name: str | None = None, **options
+        cls,
+        browser: Browser,
+        url: str,
+        width: int = 1100,
+        name: str | None = None,
+        scripts: tuple[str, ...] = (),
+        route: Callable[[WebSocketRoute], None] | None = None,
+        **options,
     ) -> ChatPage:
-        """Open the page in a fresh browser profile; `name` is a name saved on an earlier visit."""
+        """Open the page in a fresh browser profile; `name` is a name saved on an earlier visit,
+        `scripts` run before the page's own, `route` stands between its chat sockets and the server."""
         context = await browser.new_context(viewport={"width": width, "height": 720}, **options)
         if name is not None:
             await context.add_init_script(f"localStorage.setItem('fennec-chat.username', {json.dumps(name)})")
-        return await cls.open_tab(context, url)
+        for script in scripts:
+            await context.add_init_script(script)
+        return await cls.open_tab(context, url, route)
 
     @classmethod
-    async def open_tab(cls, context: BrowserContext, url: str) -> ChatPage:
+    async def open_tab(
+        cls, context: BrowserContext, url: str, route: Callable[[WebSocketRoute], None] | None = None
+    ) -> ChatPage:
         """Open the page in a new tab of `context` (its localStorage shared, its own
         sessionStorage), watching for page errors and recording what it sends."""
         page = await context.new_page()
         problems = PageProblems()
         problems.watch(page)
+        if route is not None:
+            await page.route_web_socket(re.compile(r"/ws/chat/"), route)
         sent: list[dict] = []
         page.on("websocket", lambda ws: record_frames(ws, sent) if "/ws/chat/" in ws.url else None)
         await page.goto(url)

@@ -9,9 +9,8 @@ import json
 import re
 
 import pytest
-from playwright.async_api import Browser, expect
+from playwright.async_api import expect
 
-from tests.browser import PageProblems
 from tests.server_process import ServerProcess
 from tests.test_page import ChatPage, page_url
 from tests.test_page_text_and_access import assert_axe_clean, need_axe
@@ -67,24 +66,6 @@ SHOW = """() => {
 }"""
 
 
-async def open_page(
-    browser: Browser, url: str, name: str, scripts: tuple[str, ...] = (), route=None, **options
-) -> ChatPage:
-    context = await browser.new_context(**options)
-    await context.add_init_script(f"localStorage.setItem('fennec-chat.username', {json.dumps(name)})")
-    for script in scripts:
-        await context.add_init_script(script)
-    page = await context.new_page()
-    problems = PageProblems()
-    problems.watch(page)
-    if route is not None:
-        await page.route_web_socket(re.compile(r"/ws/chat/"), route)
-    await page.goto(url)
-    chat_page = ChatPage(page, problems)
-    await chat_page.wait_connected()
-    return chat_page
-
-
 # --- 3. The page heals gaps by itself -----------------------------------------------------------
 
 
@@ -106,7 +87,9 @@ async def test_a_skipped_delivery_is_healed_in_order_and_nothing_shows_twice(bro
 
         server_side.on_message(from_server)
 
-    alice = await open_page(browser, page_url(server, room), "Alice", (RECORD_SHOWN,), route)
+    alice = await ChatPage.open(
+        browser, page_url(server, room), name="Alice", scripts=(RECORD_SHOWN,), route=route
+    )
     bob = await ChatPage.open(browser, page_url(server, room), name="Bob")
     for text in ("one", "two", "three", "four"):
         await bob.say(text)
@@ -172,8 +155,12 @@ async def test_a_hidden_tab_counts_unread_messages_in_its_title_and_marks_the_fi
 
 
 async def test_a_mention_is_highlighted_and_notified_when_hidden_and_allowed(browser, server, room):
-    alice = await open_page(
-        browser, page_url(server, room), "Alice", (RECORD_NOTIFICATIONS,), permissions=["notifications"]
+    alice = await ChatPage.open(
+        browser,
+        page_url(server, room),
+        name="Alice",
+        scripts=(RECORD_NOTIFICATIONS,),
+        permissions=["notifications"],
     )
     assert await alice.page.evaluate("window.__permissionRequests") == 0
     await expect(alice.page.locator("#notify-button")).to_be_hidden()  # allowed already
@@ -211,8 +198,11 @@ async def test_a_mention_is_highlighted_and_notified_when_hidden_and_allowed(bro
 
 
 async def test_no_notification_without_permission_and_the_button_asks_once(browser, server, room):
-    alice = await open_page(
-        browser, page_url(server, room), "Alice", ("window.__permission = 'default';", RECORD_NOTIFICATIONS)
+    alice = await ChatPage.open(
+        browser,
+        page_url(server, room),
+        name="Alice",
+        scripts=("window.__permission = 'default';", RECORD_NOTIFICATIONS),
     )
     button = alice.page.locator("#notify-button")
     await expect(button).to_be_visible()

@@ -125,9 +125,6 @@ async def test_unsent_messages_survive_a_reload(browser, request, room):
 async def test_a_message_sent_but_never_confirmed_before_a_reload_shows_once(browser, server, room):
     """The server got it, its echo never came: after a reload the page sends it again (same
     client_msg_id, so the server does not store it twice) and shows it once."""
-    context = await browser.new_context()
-    await context.add_init_script("localStorage.setItem('fennec-chat.username', 'Alice')")
-    page = await context.new_page()
     swallow = {"messages": True}
 
     def route(page_side) -> None:
@@ -140,12 +137,7 @@ async def test_a_message_sent_but_never_confirmed_before_a_reload_shows_once(bro
 
         server_side.on_message(from_server)
 
-    await page.route_web_socket(re.compile(r"/ws/chat/"), route)
-    problems = PageProblems()
-    problems.watch(page)
-    await page.goto(page_url(server, room))
-    alice = ChatPage(page, problems)
-    await alice.wait_connected()
+    alice = await ChatPage.open(browser, page_url(server, room), name="Alice", route=route)
     bob = await ChatPage.open(browser, page_url(server, room), name="Bob")
 
     await alice.say("sent, echo lost")
@@ -404,8 +396,6 @@ async def test_day_separators_when_messages_span_days(browser, server, room):
         "epoch": "injected",
         "reset": False,
     }
-    context = await browser.new_context(timezone_id="UTC", locale="en-GB")
-    page = await context.new_page()
     injected = [history]
 
     def route(page_side) -> None:
@@ -418,12 +408,10 @@ async def test_day_separators_when_messages_span_days(browser, server, room):
 
         server_side.on_message(from_server)
 
-    await page.route_web_socket(re.compile(r"/ws/chat/"), route)
-    problems = PageProblems()
-    problems.watch(page)
-    await page.goto(page_url(server, room))
-    alice = ChatPage(page, problems)
-    await alice.wait_connected()
+    alice = await ChatPage.open(
+        browser, page_url(server, room), route=route, timezone_id="UTC", locale="en-GB"
+    )
+    page = alice.page
     separators = page.locator("#messages .day-separator")
     await expect(separators).to_have_text([re.compile("1 January 2024"), re.compile("2 January 2024")])
     await alice.say("today")
