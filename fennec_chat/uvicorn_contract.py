@@ -31,6 +31,10 @@ class Internal:
     # Our object stands in for one of its attributes, offering only these methods: it must
     # call no other method of that attribute (attribute name → the methods offered).
     stand_ins: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Every method of it that writes to the transport itself. write_now holds frames until the
+    # end of the loop turn, so each of these must send them first (uvicorn_websocket.py); a
+    # release that writes from one more place could put a frame after a close frame.
+    writers: tuple[str, ...] = ()
 
 
 WEBSOCKET_PROTOCOL = (
@@ -48,6 +52,8 @@ WEBSOCKET_PROTOCOL = (
             "on_task_complete": ("task",),
             "start_keepalive": (),
             "stop_keepalive": (),
+            "send": ("message",),
+            "shutdown": (),
         },
         attributes=(
             "conn",  # the websockets ServerProtocol
@@ -69,6 +75,20 @@ WEBSOCKET_PROTOCOL = (
             "response",
         ),
         stand_ins={"queue": ("put_nowait", "get", "empty")},
+        writers=(
+            # We override these, and send what is held first:
+            "send",
+            "shutdown",
+            "keepalive_timeout",
+            # Reached only from data_received, which sends what is held first:
+            "handle_close",
+            "handle_parser_exception",
+            "handle_ping",
+            # Before write_now can hold anything, or order does not matter (a ping):
+            "handle_connect",
+            "send_500_response",
+            "send_keepalive_ping",
+        ),
     ),
     Internal(
         "websockets.server:ServerProtocol",
@@ -123,6 +143,10 @@ def _check(internal: Internal) -> list[str]:
             for name in have[len(parameters) :]
         ):
             problems.append(f"{class_name}.{method} takes ({', '.join(have)}), not ({', '.join(parameters)})")
+    if internal.writers:
+        writers = _writers(found)
+        if writers != set(internal.writers):
+            problems.append(f"{class_name} writes to its transport from {', '.join(sorted(writers))}")
     source = _source(found)
     for attribute in internal.attributes:
         if not hasattr(found, attribute) and not re.search(rf"self\.{attribute}\b[^=\n]*=[^=]", source):
@@ -132,6 +156,19 @@ def _check(internal: Internal) -> list[str]:
         if used:
             problems.append(f"{class_name} now calls {attribute}.{', '.join(sorted(used))}()")
     return problems
+
+
+def _writers(found: type) -> set[str]:
+    """The methods of a class (and of its bases from the same package) that write to the
+    transport."""
+    package = found.__module__.split(".")[0]
+    methods = inspect.getmembers(found, inspect.isfunction)
+    return {
+        name
+        for name, function in methods
+        if function.__module__.split(".")[0] == package
+        and "self.transport.write(" in inspect.getsource(function)
+    }
 
 
 def _source(found: Any) -> str:

@@ -79,6 +79,7 @@ def test_a_missing_or_changed_internal_is_named():
             Internal(where, methods={"connection_lost": ("exception", "why")}),
             Internal(where, attributes=("pong_budget",)),
             Internal(where, stand_ins={"queue": ("put_nowait",)}),  # uvicorn also calls get and empty
+            Internal(where, writers=("send", "shutdown")),  # and seven more methods write
         )
     )
     assert problems == [
@@ -87,6 +88,9 @@ def test_a_missing_or_changed_internal_is_named():
         "WebSocketsSansIOProtocol.connection_lost takes (exc), not (exception, why)",
         "WebSocketsSansIOProtocol.pong_budget is gone",
         "WebSocketsSansIOProtocol now calls queue.empty, get()",
+        "WebSocketsSansIOProtocol writes to its transport from handle_close, handle_connect, "
+        "handle_parser_exception, handle_ping, keepalive_timeout, send, send_500_response, "
+        "send_keepalive_ping, shutdown",
     ]
 
 
