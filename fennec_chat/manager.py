@@ -20,11 +20,12 @@ from . import protocol
 from .backplane import Backplane, LocalBackplane, Member, RoomEvent, open_backplane
 from .connection import Connection
 from .fennec_fixes import FanOutManager
+from .frames import text_frame
 from .gate import ANONYMOUS, Identity
 from .history import History
 from .leave_grace import Away, session_digest
 from .lobby import LOBBY_ROOMS, Lobby, room_list
-from .outbox import Outbox, text_frame
+from .outbox import Outbox
 from .protocol import CloseCode, ErrorCode, default_username
 from .room_history import RoomHistory
 from .settings import Settings

@@ -10,28 +10,14 @@ from collections.abc import Callable
 
 from fennec import WebSocket
 
+from .frames import HEADER_BYTES
+
 # The ASGI scope extension through which a server may offer a synchronous write: a callable
-# that writes one whole WebSocket frame made by `text_frame`, unless that would mean waiting or
-# the connection's frames are not plain (an extension such as compression was negotiated): then
-# it returns False and the event takes the ordinary ASGI `send`.
+# that writes one whole WebSocket frame made by `frames.text_frame` (compressed on the way if the
+# connection compresses without context takeover), unless that would mean waiting or the frame
+# cannot be shared: then it returns False and the event takes the ordinary ASGI `send`.
 # fennec_chat/uvicorn_websocket.py offers it; under any other server the outbox does without.
 WRITE_NOW = "fennec_chat.write_now"
-
-
-# A frame's header bytes, by its second byte (the length, or 126/127: 2 or 8 bytes follow).
-HEADER_BYTES = [2] * 126 + [4, 10]
-
-
-def text_frame(data: bytes) -> bytes:
-    """`data` (UTF-8) as one final, unmasked text frame (RFC 6455, section 5.2). A server's
-    frames are never masked, so for every recipient without an extension these are the same
-    bytes: a broadcast builds them once and writes them to every socket that can take them."""
-    length = len(data)
-    if length < 126:
-        return bytes((0x81, length)) + data
-    if length < 65536:
-        return b"\x81\x7e" + length.to_bytes(2, "big") + data
-    return b"\x81\x7f" + length.to_bytes(8, "big") + data
 
 
 class OutboxState(enum.Enum):

@@ -71,6 +71,7 @@ WEBSOCKET_PROTOCOL = (
             "ping_timeout",
             "close_timer",
             "scope",
+            "config",  # its ws_per_message_deflate: --ws-compression
             "request",  # the upgrade request and response, let go of after the handshake
             "response",
         ),
@@ -93,7 +94,25 @@ WEBSOCKET_PROTOCOL = (
     Internal(
         "websockets.server:ServerProtocol",
         methods={"send_close": ("code", "reason"), "data_to_send": ()},
-        attributes=("state", "close_rcvd", "extensions"),
+        # available_extensions: replaced by permessage-deflate without context takeover
+        attributes=("state", "close_rcvd", "extensions", "available_extensions"),
+    ),
+    Internal(
+        "websockets.extensions.permessage_deflate:ServerPerMessageDeflateFactory",
+        methods={
+            "__init__": (
+                "server_no_context_takeover",
+                "client_no_context_takeover",
+                "server_max_window_bits",
+                "client_max_window_bits",
+                "compress_settings",
+            )
+        },
+    ),
+    Internal(
+        "websockets.extensions.permessage_deflate:PerMessageDeflate",
+        # How a socket compresses, to share one compressed frame among those alike.
+        attributes=("local_no_context_takeover", "local_max_window_bits", "compress_settings"),
     ),
     Internal("websockets.protocol:State", attributes=("OPEN",)),
     Internal("websockets.http11:Request"),

@@ -28,9 +28,10 @@ from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
 from fennec_chat.backplane import Listener, LocalBackplane, RoomEvent
+from fennec_chat.frames import text_frame
 from fennec_chat.lobby import LOBBY_ROOMS, LOBBY_USERNAMES, Lobby, Throttle, room_list
 from fennec_chat.manager import ChatManager
-from fennec_chat.outbox import WRITE_NOW, Outbox, OutboxState, text_frame
+from fennec_chat.outbox import WRITE_NOW, Outbox, OutboxState
 from fennec_chat.protocol import CloseCode
 from fennec_chat.settings import Settings
 from fennec_chat.sqlite_history import SQLiteHistory

@@ -8,9 +8,11 @@ import socket
 import time
 
 import pytest
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
 from fennec_chat.protocol import encode
 from tests.chat_client import ChatClient
+from tests.server_process import ServerProcess, log_path
 
 
 async def collect(client: ChatClient, messages: int, leaves: int, timeout: float = 20) -> tuple[list, list]:
@@ -197,24 +199,31 @@ async def test_a_crowd_joining_at_once_is_either_seated_or_closed_with_1013(star
 
 
 async def test_events_of_every_frame_size_arrive_whole_to_plain_and_compressed_members(start_server, room):
-    """A broadcast frames an event once and writes the same bytes to every plain socket; a
-    socket that negotiated compression gets its own frames. Sizes cross the length fields of a
-    frame header: 7 bits, 16 bits and, for a newcomer's long history, 64 bits."""
+    """A broadcast frames an event once and writes the same bytes to every plain socket, and
+    compresses it once for every socket that compresses with the same window (9, 10 or 12
+    bits here: three different streams). Sizes cross the length fields of a frame header: 7
+    bits, 16 bits and, for a newcomer's long history, 64 bits."""
     server = start_server("--ws-compression")
     plain = await server.connect(f"/ws/chat/{room}?username=p", compression=None)
     await plain.joined()
-    squeezed = await server.connect(f"/ws/chat/{room}?username=d", compression="deflate")
-    assert "permessage-deflate" in squeezed.ws.response.headers.get("Sec-WebSocket-Extensions", "")
-    await squeezed.joined()
-    await plain.expect("user_joined", username="d")
+    squeezed = []
+    for name, window in (("d", None), ("d9", 9), ("d10", 10)):
+        deflate = ClientPerMessageDeflateFactory(server_max_window_bits=window)
+        member = await server.connect(
+            f"/ws/chat/{room}?username={name}", compression=None, extensions=[deflate]
+        )
+        assert "permessage-deflate" in member.ws.response.headers.get("Sec-WebSocket-Extensions", "")
+        await member.joined()
+        await plain.expect("user_joined", username=name)
+        squeezed.append(member)
 
-    await squeezed.send(type="typing")
+    await squeezed[0].send(type="typing")
     await plain.expect("typing", username="d")
     texts = ["x" * n for n in (1, 100, 2000)] + ["é" * 2000]  # events of ~200 bytes to ~4 KiB
     for _ in range(14):  # enough that a newcomer's history of 50 is over 64 KiB
         for text in texts:
             await plain.send(type="message", message=text)
-    for member in (plain, squeezed):
+    for member in (plain, *squeezed):
         received = [event["message"] for event in [await member.wait_for("message") for _ in range(56)]]
         assert received == texts * 14
 
@@ -224,3 +233,24 @@ async def test_events_of_every_frame_size_arrive_whole_to_plain_and_compressed_m
         assert [m["message"] for m in newcomer.history["messages"]] == (texts * 14)[-50:]
         assert len(encode(newcomer.history).encode()) > 65536
         await newcomer.close()
+    await squeezed[1].send(type="message", message="é" * 2000)  # compressed the other way too
+    assert (await plain.wait_for("message"))["message"] == "é" * 2000
+
+
+async def test_compression_is_negotiated_without_context_takeover_so_a_broadcast_compresses_once(room):
+    """With no context takeover each message is compressed on its own: the same bytes suit
+    every socket with the same window, and an idle socket keeps no compressor."""
+    server = ServerProcess(["--ws-compression"], {}, log_path("compression-fast")).start()
+    try:
+        await negotiated_without_context_takeover(server, room)
+    finally:
+        server.stop()
+
+
+async def negotiated_without_context_takeover(server, room: str) -> None:
+    member = await server.connect(f"/ws/chat/{room}?username=d", compression="deflate")
+    agreed = member.ws.response.headers["Sec-WebSocket-Extensions"]
+    assert "permessage-deflate" in agreed
+    assert "server_no_context_takeover" in agreed
+    assert "client_no_context_takeover" in agreed
+    await member.joined()

@@ -170,6 +170,42 @@ async def test_quick_messages_each_arrive_once_and_in_order(browser, server, roo
     await bob.close()
 
 
+# Notes the extensions each of the page's sockets agreed to (`WebSocket.extensions`).
+AGREED_EXTENSIONS = """
+window.agreedExtensions = [];
+window.WebSocket = class extends WebSocket {
+  constructor(...args) {
+    super(...args);
+    this.addEventListener("open", () => window.agreedExtensions.push(this.extensions));
+  }
+};
+"""
+
+
+async def test_with_compression_on_pages_chat_in_frames_compressed_once_per_broadcast(
+    browser, start_server, room
+):
+    """Chromium offers permessage-deflate; with --ws-compression it is agreed without context
+    takeover, and the frames the server compresses once for all arrive whole, long or short."""
+    server = start_server("--ws-compression")
+    alice = await ChatPage.open(browser, page_url(server, room), scripts=(AGREED_EXTENSIONS,))
+    bob = await ChatPage.open(browser, page_url(server, room), scripts=(AGREED_EXTENSIONS,))
+    for page in (alice, bob):
+        agreed = await page.page.evaluate("window.agreedExtensions")  # the chat's and the lobby's
+        assert agreed
+        for extensions in agreed:
+            assert extensions.startswith("permessage-deflate"), extensions
+            assert "server_no_context_takeover" in extensions
+    texts = ["short", "long " + "é" * 1900, "after the long one"]
+    for text in texts:
+        await alice.say(text)
+    for page in (alice, bob):
+        await expect(page.messages.locator(".text")).to_have_text(texts)
+        assert page.problems.errors == []
+    await alice.close()
+    await bob.close()
+
+
 async def test_enter_sends_and_shift_enter_starts_a_new_line(browser, server, room):
     alice = await ChatPage.open(browser, page_url(server, room))
     await alice.page.click("#message-input")

@@ -17,7 +17,8 @@ import uvicorn
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from fennec_chat.outbox import WRITE_NOW, text_frame
+from fennec_chat.frames import text_frame
+from fennec_chat.outbox import WRITE_NOW
 from fennec_chat.uvicorn_websocket import CORK_BYTES, WriteNowWebSocketProtocol
 
 
