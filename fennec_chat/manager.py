@@ -113,6 +113,9 @@ class ChatManager(FanOutManager):
         """Register a socket. `author`: who its messages' client_msg_ids belong to (a token's
         user or a tab's session), if more than this one socket."""
         client_id = await super().connect(websocket, client_id)
+        # The gate has read what it needs of the request's headers (gate.py); an idle
+        # connection need not keep them (about 1.5 KiB).
+        websocket.scope["headers"] = []
         outbox = Outbox(websocket, self.settings.outbox_limit, self.settings.outbox_bytes)
         name = username or default_username(client_id)
         self.clients[client_id] = Client(client_id, outbox, name, author)

@@ -12,6 +12,7 @@ the limit), rather than half-working.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import re
@@ -75,7 +76,7 @@ WEBSOCKET_PROTOCOL = (
             "request",  # the upgrade request and response, let go of after the handshake
             "response",
         ),
-        stand_ins={"queue": ("put_nowait", "get", "empty")},
+        stand_ins={"queue": ("put_nowait", "get", "empty"), "writable": ("set", "clear", "is_set", "wait")},
         writers=(
             # We override these, and send what is held first:
             "send",
@@ -115,7 +116,9 @@ WEBSOCKET_PROTOCOL = (
         attributes=("local_no_context_takeover", "local_max_window_bits", "compress_settings"),
     ),
     Internal("websockets.protocol:State", attributes=("OPEN",)),
-    Internal("websockets.http11:Request"),
+    # Its headers, emptied once the handshake is done (the parser's generator keeps the request).
+    Internal("websockets.http11:Request", attributes=("headers",)),
+    Internal("websockets.datastructures:Headers"),
 )
 
 HTTP_PROTOCOL = (
@@ -167,7 +170,10 @@ def _check(internal: Internal) -> list[str]:
         if writers != set(internal.writers):
             problems.append(f"{class_name} writes to its transport from {', '.join(sorted(writers))}")
     source = _source(found)
+    fields = {field.name for field in dataclasses.fields(found)} if dataclasses.is_dataclass(found) else set()
     for attribute in internal.attributes:
+        if attribute in fields:
+            continue
         if not hasattr(found, attribute) and not re.search(rf"self\.{attribute}\b[^=\n]*=[^=]", source):
             problems.append(f"{class_name}.{attribute} is gone")
     for attribute, offered in internal.stand_ins.items():

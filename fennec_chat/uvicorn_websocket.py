@@ -7,6 +7,7 @@ from asyncio import BaseTransport
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.datastructures import Headers
 from websockets.extensions.permessage_deflate import PerMessageDeflate, ServerPerMessageDeflateFactory
 from websockets.http11 import Request
 from websockets.protocol import State
@@ -52,6 +53,7 @@ class WriteNowWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Writable()  # type: ignore[assignment]
         if self.config.ws_per_message_deflate:  # --ws-compression
             self.conn.available_extensions = [DEFLATE_WITHOUT_CONTEXT]
 
@@ -213,7 +215,11 @@ class WriteNowWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def start_keepalive(self) -> None:
         # uvicorn calls this once, right after sending the 101 response: nothing reads the
-        # handshake after that.
+        # handshake after that. websockets' parser keeps the request in a local variable of its
+        # generator for as long as the connection lasts: empty its headers (about 2.5 KiB, which
+        # the scope has copied). tests/test_memory_per_connection.py shows both.
+        if self.request is not None:
+            self.request.headers = NO_HEADERS
         self.request = self.response = None
         super().start_keepalive()
 
@@ -242,6 +248,40 @@ def send_all_corked() -> None:
     CORKED.clear()
     for protocol in sockets:
         protocol.send_corked()
+
+
+NO_HEADERS = Headers()  # never written to
+
+
+class Writable:
+    """The part of `asyncio.Event` uvicorn uses for `writable`: an Event keeps a deque of
+    waiters (about 700 bytes) on every connection, and the only waiter is the app's `send`
+    while the peer does not read. Set from the start, as uvicorn sets its Event."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = True
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        if self._waiter is not None:
+            if not self._waiter.done():
+                self._waiter.set_result(None)
+            self._waiter = None
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        while not self._set:
+            if self._waiter is None:
+                self._waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._waiter)
 
 
 class Inbox:

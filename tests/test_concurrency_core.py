@@ -135,8 +135,9 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def writer_of(outbox: Outbox) -> asyncio.Task[None]:
-    # The writer task is private, but whether it ends on its own or is cancelled is the point.
+def writer_of(outbox: Outbox) -> asyncio.Task[None] | None:
+    # The writer task is private, but whether it runs at all, and whether it ends on its own or
+    # is cancelled, is the point.
     return outbox._writer
 
 
@@ -291,6 +292,7 @@ async def test_a_client_whose_outbox_overflows_is_closed_with_1013_and_the_other
 
 async def test_closing_after_the_queue_writes_every_queued_event_then_the_close_frame():
     outbox, peer = await stuck_outbox(limit=10, byte_limit=1 << 20)
+    writer = writer_of(outbox)
     for text in ("one", "two", "three"):
         assert put(outbox, text)
     outbox.close(CloseCode.KICKED, "kicked", discard=False)
@@ -306,7 +308,7 @@ async def test_closing_after_the_queue_writes_every_queued_event_then_the_close_
         ("send", "three"),
         ("close", "4001 kicked"),
     ]
-    assert writer_of(outbox).done()
+    assert writer.done()
 
 
 async def test_closing_with_discard_drops_the_queue_and_sends_the_close_frame():
@@ -320,29 +322,42 @@ async def test_closing_with_discard_drops_the_queue_and_sends_the_close_frame():
     assert peer.wire == [("send", "in flight"), ("close", "1013 too slow")]
 
 
-async def test_stopping_an_idle_outbox_ends_its_writer_without_cancelling_it():
+async def test_an_idle_outbox_runs_no_writer_task_and_stops_at_once():
     peer = Peer()
     outbox = Outbox(await open_socket(peer), limit=10, byte_limit=1 << 20)
     await settle()
-    writer = writer_of(outbox)
-    assert not writer.done()
+    assert writer_of(outbox) is None  # nothing waits: no task, no coroutine, no future
     outbox.stop()
     assert outbox.state is OutboxState.STOPPED
     await outbox.wait_closed(WAIT)
-    assert writer.done()
-    assert not writer.cancelled()
-    assert writer.exception() is None
+    assert writer_of(outbox) is None
     assert peer.wire == []  # no close frame: the connection is already gone
+
+
+async def test_the_writer_returns_once_the_queue_is_sent_and_the_next_event_goes_straight_out():
+    peer = Peer()
+    write_now = WriteNow(peer, room=False)  # the socket's buffer is full: events queue
+    outbox = Outbox(await open_socket(peer, write_now), limit=10, byte_limit=1 << 20)
+    assert put(outbox, "queued")
+    writer = writer_of(outbox)
+    assert writer is not None
+    await asyncio.wait_for(asyncio.shield(writer), WAIT)
+    assert writer_of(outbox) is None
+    assert not writer.cancelled()
+    write_now.room = True  # the socket took it all
+    assert put(outbox, "straight")
+    assert writer_of(outbox) is None
+    assert peer.wire[-1] == ("write_now", "straight")
 
 
 async def test_stopping_a_busy_outbox_drops_its_queue_and_its_writer_returns_after_the_send_in_flight():
     outbox, peer = await stuck_outbox(limit=10, byte_limit=1 << 20)
+    writer = writer_of(outbox)
     assert put(outbox, "queued")
     outbox.stop()
     assert outbox.queued == 0
     peer.release()
     await outbox.wait_closed(WAIT)
-    writer = writer_of(outbox)
     assert writer.done()
     assert not writer.cancelled()
     assert writer.exception() is None
@@ -379,8 +394,8 @@ async def test_a_send_that_fails_stops_the_outbox_quietly_and_nothing_more_is_wr
     peer.fail_sends = True
     assert put(outbox, "to a vanished peer")
     assert put(outbox, "queued behind it")
-    await outbox.wait_closed(WAIT)
     writer = writer_of(outbox)
+    await outbox.wait_closed(WAIT)
     assert writer.done()
     assert writer.exception() is None  # the receive loop learns of the disconnect, not the writer
     assert outbox.state is OutboxState.STOPPED
