@@ -15,6 +15,7 @@ from pathlib import Path
 from fennec import Request, Response, Router, WebSocket, WebSocketRouter
 
 from fennec_chat import cli, protocol
+from fennec_chat.collector import Freezer
 from fennec_chat.fennec_fixes import ChatApplication, query_params
 from fennec_chat.gate import Gate
 from fennec_chat.manager import ChatManager, Connection
@@ -178,7 +179,8 @@ async def health(request: Request) -> Response:
 app = ChatApplication(title="Fennec chat", docs_enabled=False)  # docs would load Swagger from a CDN
 app.include_router(http_router)
 app.include_websocket_router(ws_router)
-app.on_startup += [manager.start, words.start]  # the history (and Redis), the blocklist
+# The history (and Redis), the blocklist, and the long-lived objects out of the collector's way.
+app.on_startup += [manager.start, words.start, Freezer().start]
 app.on_shutdown.append(manager.shutdown)
 
 if __name__ == "__main__":

@@ -101,7 +101,11 @@ class Workers(Multiprocess):
         self.failed = False
 
     def keep_subprocess_alive(self) -> None:  # every half second
+        before = {process.pid for process in self.processes}
         super().keep_subprocess_alive()
+        # uvicorn replaces a worker that died or did not answer in time, and says so at info level.
+        for pid in before - {process.pid for process in self.processes}:
+            logger.warning("worker %s died or stopped answering: replaced; its connections were lost", pid)
         if any(process.exitcode == STARTUP_FAILURE for process in self.processes):
             self.failed = True
         elif (
@@ -215,6 +219,10 @@ def uvicorn_options(settings: Settings, protocols: dict[str, Any]) -> dict[str, 
         "ws_ping_interval": settings.ping_interval or None,
         "ws_ping_timeout": settings.ping_timeout or None,
         "timeout_graceful_shutdown": 5,
+        # uvicorn kills a worker that does not answer its supervisor for 5 s. A worker holding
+        # thousands of connections on a busy machine can be that slow and still be fine;
+        # killing it drops them all.
+        "timeout_worker_healthcheck": 30,
         "log_config": log_config(),
         "ssl_certfile": settings.ssl_certfile or None,
         "ssl_keyfile": settings.ssl_keyfile or None,

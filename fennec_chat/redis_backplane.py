@@ -86,6 +86,7 @@ class RedisBackplane(RedisPresence, Backplane):
         )
         self._redis = redis.Redis(connection_pool=pool)
         self._writer = self._new_writer()
+        self._beats = self._new_writer()
         try:
             await self._redis.ping()
         except (RedisError, OSError) as error:
@@ -96,6 +97,7 @@ class RedisBackplane(RedisPresence, Backplane):
             asyncio.create_task(self._write_forever(), name="redis-writer"),
             asyncio.create_task(self._listen_forever(), name="redis-listener"),
             asyncio.create_task(self._heartbeat_forever(), name="redis-heartbeat"),
+            asyncio.create_task(self._reap_forever(), name="redis-reaper"),
             asyncio.create_task(self._subscribe_forever(), name="redis-subscriptions"),
         ]
 
@@ -109,14 +111,14 @@ class RedisBackplane(RedisPresence, Backplane):
             # Still listed: the others reap what is left (members kept away when uvicorn closed
             # their sockets, 1012), once each one's grace ends, unless its tab is back first.
             await self._redis.delete(self._mine("alive"))
-        for client in (self._redis, self._writer):
+        for client in (self._redis, self._writer, self._beats):
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
 
     def _new_writer(self) -> Any:
-        """The one connection that publishes, in order. It never retries on its own: a failed
-        publish is reported to its sender, who may send again (client_msg_id makes that safe),
-        while a silent retry could duplicate."""
+        """A connection of its own: the one that publishes, in order, or the heartbeat's. It
+        never retries on its own: a failed publish is reported to its sender, who may send
+        again (client_msg_id makes that safe), while a silent retry could duplicate."""
         options = {**REDIS_OPTIONS, "retry": Retry(NoBackoff(), 0), "single_connection_client": True}
         return redis.from_url(self.settings.redis_url, **options)
 
@@ -327,9 +329,11 @@ class RedisBackplane(RedisPresence, Backplane):
     async def _recover(self, rooms: list[str]) -> None:
         """Back in touch with Redis: re-announce ourselves, then deliver what we missed."""
         assert self._listener is not None
-        with contextlib.suppress(RedisError, OSError):
-            await self._writer.aclose()
-        self._writer = self._new_writer()  # the old connection died with the old Redis
+        for old in (self._writer, self._beats):
+            with contextlib.suppress(RedisError, OSError):
+                await old.aclose()
+        self._writer = self._new_writer()  # the old connections died with the old Redis
+        self._beats = self._new_writer()
         await self._heartbeat_once()
         self._connected = True
         self._spare_the_others()

@@ -42,13 +42,14 @@ SEATS_RESTATED_EVERY = 60.0  # seconds
 
 
 class RedisPresence:
-    """The presence half of `RedisBackplane` (a mixin: it uses the backplane's connection
-    `_redis`, its ordered command queue `_send` and its `_connected` state)."""
+    """The presence half of `RedisBackplane` (a mixin: it uses the backplane's connections
+    `_redis` and `_beats`, its ordered command queue `_send` and its `_connected` state)."""
 
     settings: Settings
     keys: RedisKeys
     process_id: str
     _redis: Any
+    _beats: Any  # a connection of its own: a crowd's reads must not hold up our heartbeat
     _connected: bool
     _send: Callable[..., Any]
     _subscribe: Callable[[str], None]
@@ -203,20 +204,46 @@ class RedisPresence:
     def _mine(self, what: str) -> str:
         return self.keys.process(self.process_id, what)
 
-    async def _heartbeat_once(self) -> None:
+    async def _heartbeat_once(self) -> bool:
+        """Say we are alive; False if our last heartbeat had already expired."""
         beat = self.settings.redis_heartbeat
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(self._mine("alive"), 1, px=int(3 * beat * 1000))
+        async with self._beats.pipeline(transaction=False) as pipe:
+            pipe.set(self._mine("alive"), 1, px=int(3 * beat * 1000), get=True)
             pipe.sadd(self.keys.processes, self.process_id)
-            await pipe.execute()
+            was_alive, _ = await pipe.execute()
+        return was_alive is not None
 
     async def _heartbeat_forever(self) -> None:
+        # Only the heartbeat, on its own connection: reaping the others takes a round trip per
+        # process, and a crowd's reads can fill the shared pool for seconds.
         while True:
             await asyncio.sleep(self.settings.redis_heartbeat)
             if not self._connected:
                 continue
             try:
-                await self._heartbeat_once()
+                if not await self._heartbeat_once():
+                    await self._after_a_silence()
+            except (RedisError, OSError) as error:
+                logger.warning("heartbeat failed: %s", error)
+
+    async def _after_a_silence(self) -> None:
+        """Our heartbeat expired while we were alive (a pause of 3 heartbeats: an overloaded
+        machine). If another process took us for dead meanwhile, it removed our members (their
+        rooms heard them leave): list them again, so presence and the lobby are right."""
+        if self._local and not await self._redis.exists(self._mine("members")):
+            logger.error(
+                "this process was silent for over %g s and the others took it for dead: its members "
+                "were announced as gone; listing them again",
+                3 * self.settings.redis_heartbeat,
+            )
+            self._announce_again()
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.redis_heartbeat)
+            if not self._connected:
+                continue
+            try:
                 if time.monotonic() >= self._reap_not_before:
                     await self._reap_dead_processes()
                 if self.settings.max_connections_per_ip and time.monotonic() >= self._restate_at:
@@ -224,7 +251,7 @@ class RedisPresence:
                     self._restate_at = time.monotonic() + SEATS_RESTATED_EVERY
                     self._send(self._restate_seats())
             except (RedisError, OSError) as error:
-                logger.warning("heartbeat failed: %s", error)
+                logger.warning("could not check the other processes: %s", error)
 
     def _spare_the_others(self) -> None:
         """We were away: the others may not have seen our heartbeats either; reap nobody yet."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import redis
@@ -152,6 +154,40 @@ async def test_the_users_of_a_killed_process_leave_within_30_seconds(start_serve
     assert sorted(user["username"] for user in presence["users"]) == ["new", "watcher"]
     await watcher.close()
     await newcomer.close()
+
+
+async def test_a_process_taken_for_dead_after_a_long_pause_lists_its_members_again(two_servers, room):
+    """A process stalled for longer than three heartbeats (an overloaded machine) is reaped by
+    the others: its members' rooms hear them leave. When it resumes, it finds its heartbeat
+    expired and its members gone, and lists them again; their sockets never closed."""
+    one, two = two_servers
+    watcher = await one.connect(f"/ws/chat/{room}?username=watcher")
+    await watcher.joined()
+    stalled = await two.connect(f"/ws/chat/{room}?username=stalled")
+    await stalled.joined()
+    await watcher.wait_for("user_joined", username="stalled")
+
+    two.process.send_signal(signal.SIGSTOP)
+    try:
+        await watcher.wait_for("user_left", username="stalled", timeout=10)
+    finally:
+        two.process.send_signal(signal.SIGCONT)
+
+    async def listed_again() -> None:
+        while True:
+            newcomer = await one.connect(f"/ws/chat/{room}?username=newcomer")
+            _, presence = await newcomer.joined()
+            await newcomer.close()
+            if "stalled" in [user["username"] for user in presence["users"]]:
+                return
+            await asyncio.sleep(0.2)
+
+    await asyncio.wait_for(listed_again(), 10)
+    assert "took it for dead" in two.log()
+    await stalled.send(type="message", message="still here")
+    assert (await watcher.wait_for("message"))["message"] == "still here"
+    await watcher.close()
+    await stalled.close()
 
 
 async def test_resume_works_on_the_other_process(two_servers, room):
@@ -298,6 +334,32 @@ async def test_workers_share_rooms_through_redis(start_server, redis_server, roo
         await client.wait_for("message", message="to every worker")
     for client in clients:
         await client.close()
+
+
+def worker_pids(parent: int) -> list[int]:
+    """uvicorn's worker processes (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [
+        int(pid) for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
+async def test_a_worker_that_dies_is_replaced_and_the_log_says_so(start_server, redis_server, room):
+    """uvicorn replaces a dead worker (and, after 30 s without an answer, a hung one) and says so
+    only at info level; an operator running at --log-level warning still hears of it."""
+    server = start_server("--workers", "2", "--redis-url", redis_server.url)
+    workers = worker_pids(server.process.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+
+    async def replaced() -> None:
+        while f"worker {workers[0]} died or stopped answering: replaced" not in server.log():  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(replaced(), 10)
+    member = await server.connect(f"/ws/chat/{room}?username=after")  # still serving
+    await member.joined()
+    await member.close()
 
 
 async def test_an_admin_can_kick_someone_on_the_other_process(start_server, redis_server, room):
