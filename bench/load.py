@@ -115,17 +115,26 @@ async def fan_out_in_new_room(
 
 async def fan_out(room: Room, messages: int, window: int, cpu_seconds: Callable[[], float]) -> dict:
     """The first member sends `messages` as fast as `window` unanswered ones allow; everyone
-    (the sender too) must receive them all. Reports deliveries per second and the CPU time
-    per delivery of the server side (`cpu_seconds`: all its processes, from /proc)."""
+    (the sender too) must receive them all. Reports deliveries per second, the CPU time per
+    delivery of the server side (`cpu_seconds`: all its processes, from /proc), and the median
+    time from a send to each member's receipt: the latency under load."""
     sender = room.members[0]
     echoed = 0
     echo = asyncio.Event()
+    sent_at: list[float] = []  # by message number
+    delays: list[float] = []
 
     async def receive(ws: ClientConnection, is_sender: bool) -> None:
         nonlocal echoed
         received = 0
         while received < messages:
-            count = len(await next_marked(ws))
+            texts = await next_marked(ws)
+            now = time.perf_counter()
+            for text in texts:
+                number = int(text[len(MARK) : text.index(" ")])
+                if number < len(sent_at):  # not an earlier round's, from a newcomer's history
+                    delays.append(now - sent_at[number])
+            count = len(texts)
             received += count
             if is_sender:
                 echoed += count
@@ -137,6 +146,7 @@ async def fan_out(room: Room, messages: int, window: int, cpu_seconds: Callable[
         while number - echoed >= window:
             echo.clear()
             await echo.wait()
+        sent_at.append(time.perf_counter())
         await sender.send(message(room, number, f"{MARK}{number} lorem ipsum dolor sit"))
     await asyncio.wait_for(asyncio.gather(*receivers), 300)
     elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu_before
@@ -145,6 +155,7 @@ async def fan_out(room: Room, messages: int, window: int, cpu_seconds: Callable[
         "deliveries_per_s": deliveries / elapsed,
         "messages_per_s": messages / elapsed,
         "cpu_us_per_delivery": cpu / deliveries * 1e6,
+        "p50_ms": statistics.median(delays) * 1000,
     }
 
 

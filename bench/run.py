@@ -13,15 +13,21 @@ import asyncio
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
 import sys
+import tempfile
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.request import urlopen
 
+from bench.crowd import Crowd
 from bench.load import (
     Room,
     close_code_of,
@@ -33,7 +39,15 @@ from bench.load import (
     stalled_member,
     wait_for_text,
 )
-from bench.servers import Server, chat_server, redis_server, reference_server, temporary_db
+from bench.servers import (
+    CLOCK_TICKS,
+    PAGE_SIZE,
+    Server,
+    chat_server,
+    redis_server,
+    reference_server,
+    temporary_db,
+)
 
 NO_HISTORY = "fennec-chat --no-history"
 
@@ -123,11 +137,13 @@ async def fanout(args: argparse.Namespace) -> Report:
 
             results = await interleaved(servers, args.rounds, run_once)
             for server in servers:
-                report.rows.append(fan_out_row(server.name, results[server.name], N=receivers))
+                row = fan_out_row(server.name, results[server.name], N=receivers)
+                report.rows.append(row | {"p50_ms": round(median_of(results[server.name], "p50_ms"), 2)})
             ratio = median_ratio(results[ours.name], results[reference.name], "cpu_us_per_delivery")
-            report.summary[f"N={receivers}"] = (
-                verdict(ratio, 1.10) if receivers >= 100 else {"ratio": round(ratio, 3)}
-            )
+            report.summary[f"N={receivers}"] = verdict(ratio, 0.80 if receivers >= 100 else 1.00)
+            if receivers == 100:  # the latency under that load: send to each member's receipt
+                ratio = median_ratio(results[ours.name], results[reference.name], "p50_ms")
+                report.summary[f"N={receivers} p50 latency"] = verdict(ratio, 1.5)
             ratio = median_ratio(results[lighter.name], results[reference.name], "cpu_us_per_delivery")
             report.summary[f"N={receivers} {NO_HISTORY}"] = {"ratio": round(ratio, 3)}
             for other in servers[3:]:
@@ -199,7 +215,7 @@ async def latency_workload(args: argparse.Namespace) -> Report:
                 )
             ratio = median_ratio(results[ours.name], results[reference.name], "p99_ms")
             report.summary[f"{rate}/s p99"] = (
-                verdict(ratio, 1.15) if rate == 500 else {"ratio": round(ratio, 3)}
+                verdict(ratio, 1.05) if rate == 500 else {"ratio": round(ratio, 3)}
             )
             ratio = median_ratio(results[lighter.name], results[reference.name], "p99_ms")
             report.summary[f"{rate}/s p99 {NO_HISTORY}"] = {"ratio": round(ratio, 3)}
@@ -232,8 +248,8 @@ async def memory(args: argparse.Namespace) -> Report:
     report.summary = {
         "KiB per connection": {
             "value": ours["kib_per_connection"],
-            "target": "<= 20",
-            "met": ours["kib_per_connection"] <= 20,
+            "target": "<= 14",
+            "met": ours["kib_per_connection"] <= 14,
         },
         "KiB left per connection after a cycle": {
             "value": ours["kib_left_per_connection"],
@@ -478,6 +494,221 @@ async def attacks(args: argparse.Namespace) -> Report:
     return report
 
 
+# --- Many idle connections (issue 15, part 4) -----------------------------------------------------
+#
+# Idle members from bench/crowd.py (bare asyncio clients that only answer pings, over several
+# processes and loopback source addresses) in rooms of 50, beside a busy 100-client room at
+# 500 msg/s. Limits that would refuse such a crowd, all lifted by chat_server() (LIMITS_OFF):
+# --max-connections-per-ip 0 (and with it the cap on unfinished requests per address),
+# --max-rooms 0 (2,000 rooms of 50) and --room-creation-rate 0 (one address opens them all).
+# There is no cap on room size or on connections in all. The server keeps its keepalive
+# (--ping-interval 20, --ping-timeout 20): the crowd must answer every ping to stay.
+
+CROWD_HOLD = 60.0  # seconds the crowd is held after it connected, the busy room measured meanwhile
+
+
+def worker_pids(server: Server) -> list[int]:
+    """The processes that serve: uvicorn's workers (children of the supervisor), or the one."""
+    assert server.process is not None
+    pid = server.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    workers = [int(child) for child in children if b"resource_tracker" not in process_cmdline(int(child))]
+    return workers or [pid]
+
+
+def process_cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def rss_of(pids: list[int]) -> int:
+    """Resident bytes of these processes (those still alive)."""
+    return sum(int(proc_fields(pid, "statm")[1]) * PAGE_SIZE for pid in pids if proc_fields(pid, "statm"))
+
+
+def cpu_of(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes (those still alive)."""
+    total = 0.0
+    for pid in pids:
+        if fields := proc_fields(pid, "stat"):
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
+def proc_fields(pid: int, name: str) -> list[str]:
+    try:
+        text = Path(f"/proc/{pid}/{name}").read_text()
+    except OSError:  # gone: e.g. a worker uvicorn killed for missing its health check
+        return []
+    return text.rsplit(")", 1)[1].split() if name == "stat" else text.split()
+
+
+def log_warnings(server: Server) -> dict[str, int]:
+    """The server log's WARNING and ERROR lines, counted by their first words (numbers as N)."""
+    lines = server.log_path.read_text(errors="replace").splitlines()
+    found = Counter(
+        re.sub(r"[0-9a-f]*[0-9][0-9a-f]*", "N", " ".join(line.split()[:7]))
+        for line in lines
+        if line.startswith(("WARNING", "ERROR"))
+    )
+    return dict(found.most_common(12))
+
+
+def get_health(server: Server) -> dict:
+    with urlopen(f"http://127.0.0.1:{server.port}/health", timeout=10) as response:
+        return json.load(response)
+
+
+async def checked_p99(server: Server, errors: list[str]) -> float | None:
+    """room_p99, or None (and why in `errors`) if the busy room did not deliver."""
+    try:
+        return await room_p99(server)
+    except Exception as error:  # a timeout, a refused handshake: part of the result
+        errors.append(f"{type(error).__name__}: {error}"[:120])
+        return None
+
+
+async def crowd_beside_busy_room(
+    args: argparse.Namespace, server: Server, twin: Server, count: int, processes: int, limit: float
+) -> dict:
+    """The busy room's p99 on `server` with `count` idle members held CROWD_HOLD seconds, against
+    the same room on `twin`, the same server with nobody else, measured in alternation with it:
+    other work on the machine then weighs on both alike. Before the crowd comes, both are measured
+    empty (calibration: their ratio should be ~1). Counts at connect and after the hold."""
+    errors: list[str] = []
+
+    async def alternate(rounds: int, until: float = 0.0) -> tuple[list[float | None], list[float | None]]:
+        ours: list[float | None] = []
+        theirs: list[float | None] = []
+        while len(ours) < rounds or time.monotonic() < until:
+            pair = (server, twin) if len(ours) % 2 == 0 else (twin, server)
+            for one in pair:
+                (ours if one is server else theirs).append(await checked_p99(one, errors))
+        return ours, theirs
+
+    calibration, twin_before = await alternate(args.rounds)
+    workers = worker_pids(server)
+    rss_before, held_counts, health, replaced = rss_of(workers), {}, {}, []
+    crowd = Crowd(server.url, count, processes)
+    try:
+        at_connect = await crowd.start()
+        connected_at = time.monotonic()
+        await asyncio.sleep(3)
+        serving = worker_pids(server)  # uvicorn may have replaced some meanwhile
+        rss_held = rss_of(serving)
+        cpu_server, cpu_crowd = cpu_of(serving), cpu_of(crowd.pids())
+        hold = 10.0 if args.quick else CROWD_HOLD
+        crowded, twin_during = await alternate(args.rounds, until=connected_at + hold)
+        held_seconds = time.monotonic() - connected_at
+        cpu_server, cpu_crowd = cpu_of(serving) - cpu_server, cpu_of(crowd.pids()) - cpu_crowd
+        replaced = sorted(set(workers) - set(worker_pids(server)))
+        held_counts = await crowd.counts()
+        health = await asyncio.to_thread(get_health, server)
+    finally:
+        final = await crowd.stop()
+
+    def shown(values: list[float | None]) -> list[float | None]:
+        return [None if value is None else round(value, 2) for value in values]
+
+    def median(values: list[float | None]) -> float | None:
+        known = [value for value in values if value is not None]
+        return statistics.median(known) if known and len(known) == len(values) else None
+
+    row = {
+        "server": server.name,
+        "connections": count,
+        "workers": len(workers),
+        "generator_processes": processes,
+        "at_connect": at_connect,
+        "after_hold": held_counts or final,
+        "held_seconds": round(held_seconds, 1),
+        "rss_mib_before": round(rss_before / 2**20),
+        "rss_mib_held": round(rss_held / 2**20),
+        "kib_per_connection": round((rss_held - rss_before) / max(1, at_connect["open"]) / 1024, 2),
+        "server_cpu_share_while_held": round(cpu_server / held_seconds, 3),
+        "generator_cpu_share_while_held": round(cpu_crowd / held_seconds, 3),
+        "p99_ms_both_empty": {"server": shown(calibration), "twin": shown(twin_before)},
+        "p99_ms_while_held": {"crowded": shown(crowded), "twin_empty": shown(twin_during)},
+        "load_avg": round(os.getloadavg()[0], 2),  # the machine's: other work skews latency
+        "busy_room_failures": errors,
+        "workers_replaced_by_uvicorn": replaced,  # killed after missing its 5 s health check
+        "server_log_warnings": log_warnings(server),
+        "health_of_one_worker": {key: health.get(key) for key in ("connections", "rooms", "tasks", "status")},
+    }
+    crowded_p99, empty_p99 = median(crowded), median(twin_during)
+    calibrated = median(calibration), median(twin_before)
+    ratio = crowded_p99 / empty_p99 if crowded_p99 and empty_p99 else float("inf")
+    held = row["after_hold"]["open"]
+    row["summary"] = verdict(ratio, limit) | {
+        "held_after_hold": held,
+        "all_held": held == count,  # the latency verdict means little if the crowd was not held
+        "p99_ms_empty_median": empty_p99 and round(empty_p99, 2),
+        "p99_ms_crowded_median": crowded_p99 and round(crowded_p99, 2),
+        "calibration_ratio_both_empty": round(calibrated[0] / calibrated[1], 3)
+        if calibrated[0] and calibrated[1]
+        else None,
+    }
+    return row
+
+
+async def crowd_one_process(args: argparse.Namespace) -> Report:
+    """(a) One process, as many idle connections as its 20,000 descriptors allow: 19,500 idle,
+    the busy room's 100, and ~30 of its own (listener, SQLite, epoll, pipes)."""
+    raise_file_limit()
+    count = 2_000 if args.quick else 19_500
+    server = chat_server(name="fennec-chat, 1 process")
+    twin = chat_server(name="fennec-chat, 1 process, empty twin")
+    try:
+        started(server, twin)
+        row = await crowd_beside_busy_room(args, server, twin, count, processes=2, limit=1.2)
+    finally:
+        stop([server, twin])
+    summary = row.pop("summary")
+    return Report(f"crowd: {count} idle connections on one process beside a 100-client room", [row], summary)
+
+
+CROWD_WORKERS = 8  # 2 cores: more workers add no CPU, but each holds <= 20,000 descriptors, and
+# 100,000 / 8 = 12,500 leaves room for uneven accepts (workers race for the shared listener).
+
+
+async def crowd_workers(args: argparse.Namespace) -> Report:
+    """(b) 100,000 idle connections on CROWD_WORKERS processes sharing one port and Redis; the busy
+    room connects through the same port, so its members are spread over the workers. The empty
+    twin is a second such cluster, on a Redis of its own."""
+    raise_file_limit()
+    from tests.redis_process import RedisProcess
+
+    count = 8_000 if args.quick else 100_000
+    redises = [RedisProcess(Path(tempfile.mkdtemp(prefix="crowd-redis-"))) for _ in range(2)]
+    name = f"fennec-chat, {CROWD_WORKERS} workers + Redis"
+    servers = [
+        chat_server("--workers", str(CROWD_WORKERS), "--redis-url", redis.url, name=name + suffix)
+        for redis, suffix in zip(redises, ("", ", empty twin"), strict=True)
+    ]
+    try:
+        for redis, server in zip(redises, servers, strict=True):
+            redis.start(persistent=False)
+            server.start(timeout=60)
+            for _ in range(120):
+                if len(worker_pids(server)) >= CROWD_WORKERS:
+                    break
+                await asyncio.sleep(0.5)
+        await asyncio.sleep(3)  # every worker listening, not just the first
+        processes = -(-count // 12_500)
+        row = await crowd_beside_busy_room(args, servers[0], servers[1], count, processes, limit=1.5)
+        main_redis = redises[0].process
+        row["redis_rss_mib"] = round(rss_of([main_redis.pid]) / 2**20) if main_redis else None
+    finally:
+        stop(servers)
+        for redis in redises:
+            redis.stop()
+    summary = row.pop("summary")
+    title = f"crowd-workers: {count} idle connections on {name}, beside a 100-client room"
+    return Report(title, [row], summary)
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace], Awaitable[Report]]] = {
     "fanout": fanout,
     "browser": browser_like,
@@ -488,6 +719,8 @@ WORKLOADS: dict[str, Callable[[argparse.Namespace], Awaitable[Report]]] = {
     "history": history_throughput,
     "redis": redis_scale,
     "attacks": attacks,
+    "crowd": crowd_one_process,
+    "crowd-workers": crowd_workers,
 }
 
 
