@@ -29,13 +29,14 @@ from websockets.streams import StreamReader
 
 from fennec_chat.backplane import Listener, LocalBackplane, RoomEvent
 from fennec_chat.frames import text_frame
+from fennec_chat.lighter_parts import Inbox
 from fennec_chat.lobby import LOBBY_ROOMS, LOBBY_USERNAMES, Lobby, Throttle, room_list
 from fennec_chat.manager import ChatManager
 from fennec_chat.outbox import WRITE_NOW, Outbox, OutboxState
 from fennec_chat.protocol import CloseCode
 from fennec_chat.settings import Settings
 from fennec_chat.sqlite_history import SQLiteHistory
-from fennec_chat.uvicorn_websocket import Inbox, WriteNowWebSocketProtocol
+from fennec_chat.uvicorn_websocket import WriteNowWebSocketProtocol
 
 WAIT = 5.0  # seconds before a test gives up on something that should happen at once
 
