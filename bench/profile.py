@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.load import fan_out, open_room
+from bench.load import fan_out_in_new_room
 from bench.servers import ROOT, chat_server
 
 OUTPUT = ROOT / "docs" / "fanout-flamegraph.svg"
@@ -32,12 +32,9 @@ def main() -> None:
         recorder = subprocess.Popen([py_spy, "record", *options, "--pid", str(server.process.pid)])
 
         async def keep_busy() -> None:
-            room = await open_room(server, 101)
-            try:
-                while recorder.poll() is None:
-                    await fan_out(room, 1000, window=20, cpu_seconds=server.cpu_seconds)
-            finally:
-                await room.close()
+            # A fresh room each time: the same client_msg_ids again would be (rightly) deduplicated.
+            while recorder.poll() is None:
+                await fan_out_in_new_room(server, 101, 4000, 20, server.cpu_seconds)
 
         asyncio.run(keep_busy())
     finally:

@@ -150,7 +150,7 @@ class Settings:
         False,
         "CHAT_WS_COMPRESSION",
         "accept permessage-deflate, which browsers offer (without context takeover: each broadcast is "
-        "compressed once): it costs 1.23 times the CPU per delivery and 0.2 KiB more per idle connection, "
+        "compressed once): it costs 1.25 times the CPU per delivery and 0.2 KiB more per idle connection, "
         "for a few bytes saved on short chat messages (README, Benchmarks)",
     )
 
