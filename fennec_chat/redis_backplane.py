@@ -19,7 +19,7 @@ import logging
 import os
 import secrets
 import socket
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +63,10 @@ class RedisBackplane(RedisPresence, Backplane):
         self._idle = asyncio.Event()
         self._subscriptions: asyncio.Queue[tuple[str, str]] = asyncio.Queue()  # (command, room), in order
         self._ready: dict[str, asyncio.Future[None]] = {}  # room → subscribed to its channel
+        # room → SUBSCRIBEs sent on the current connection and not yet confirmed. Only the last
+        # one's confirmation makes the room ready: what came before it was heard on an earlier
+        # subscription, after which a message may have been missed while unsubscribed.
+        self._unconfirmed: Counter[str] = Counter()
         # Where each room stands here, to catch up from after an outage.
         self._epochs: dict[str, str] = {}  # room → the history epoch this process has seen
         self._last_ids: dict[str, int] = {}  # room → the newest message id delivered here
@@ -225,6 +229,8 @@ class RedisBackplane(RedisPresence, Backplane):
             command, room = await self._subscriptions.get()
             if self._pubsub is None:
                 continue  # Redis is away; the listener subscribes to every room when it is back
+            if command == "subscribe":
+                self._unconfirmed[room] += 1
             with contextlib.suppress(RedisError, OSError):  # the listener notices a lost connection
                 await getattr(self._pubsub, command)(self.keys.room(room, "events"))
 
@@ -250,7 +256,10 @@ class RedisBackplane(RedisPresence, Backplane):
                 await pubsub.subscribe(*channels)
                 # Events that arrive before every subscription is confirmed wait for the catch-up.
                 early = await self._confirmations(pubsub, len(channels))
+                self._unconfirmed.clear()
                 self._pubsub = pubsub
+                for room in self._ready.keys() - set(rooms):  # joined while we were subscribing
+                    self._subscriptions.put_nowait(("subscribe", room))
                 if not first:
                     await self._recover(rooms)
                 first, delay = False, 0.5
@@ -292,8 +301,10 @@ class RedisBackplane(RedisPresence, Backplane):
         channel, data = message["channel"], message["data"]
         if message["type"] == "subscribe":
             room = self.keys.room_of(channel)
-            ready = self._ready.get(room) if room else None
-            if room is not None and ready is not None and not ready.done():
+            if room is None or not self._confirmed(room):
+                return
+            ready = self._ready.get(room)
+            if ready is not None and not ready.done():
                 ready.set_result(None)
                 self._chore(self._note_position(room))
             return
@@ -303,8 +314,13 @@ class RedisBackplane(RedisPresence, Backplane):
             self._listener.lobby_changed()
             return
         room = self.keys.room_of(channel)
-        if room is None or room not in self._ready:
-            return  # a late event for a room this process has left
+        ready = self._ready.get(room) if room is not None else None
+        if room is None or ready is None or not ready.done():
+            # A late event for a room this process has left, or an early one: heard on the
+            # subscription before the room was left and joined again. Redis sends nothing
+            # while unsubscribed, so delivering it could leave a gap after it; the newcomers'
+            # history, read once the room is ready, has it instead.
+            return
         header, _, text = data.partition("\n")
         message_id_text, exclude, kick = [*header.split("\t"), "", ""][:3]
         message_id = int(message_id_text) if message_id_text else None
@@ -313,6 +329,14 @@ class RedisBackplane(RedisPresence, Backplane):
                 return  # delivered already, by the catch-up after a reconnect
             self._last_ids[room] = max(message_id, self._last_ids.get(room, 0))
         self._listener.deliver_room_event(RoomEvent(room, text, message_id, exclude or None, kick or None))
+
+    def _confirmed(self, room: str) -> bool:
+        """Count one confirmed SUBSCRIBE for `room`; whether it was the last one sent."""
+        self._unconfirmed[room] -= 1
+        if self._unconfirmed[room] > 0:
+            return False
+        del self._unconfirmed[room]
+        return True
 
     def _lost(self, error: Exception) -> None:
         if not self._connected:
