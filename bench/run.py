@@ -48,6 +48,7 @@ from bench.servers import (
     reference_server,
     temporary_db,
 )
+from tests import server_process
 
 NO_HISTORY = "fennec-chat --no-history"
 
@@ -149,6 +150,30 @@ async def fanout(args: argparse.Namespace) -> Report:
             for other in servers[3:]:
                 ratio = median_ratio(results[ours.name], results[other.name], "cpu_us_per_delivery")
                 report.summary[f"N={receivers} vs {BASELINE}"] = {"ratio": round(ratio, 3)}
+    finally:
+        stop(servers)
+    return report
+
+
+async def metrics_cost(args: argparse.Namespace) -> Report:
+    """The fan-out with --metrics-port against the same server without: what counting costs."""
+    port = str(server_process.free_port())
+    servers = started(chat_server(), chat_server("--metrics-port", port, name="fennec-chat --metrics-port"))
+    off, on = servers
+    report = Report("metrics: the fan-out with and without --metrics-port, server CPU per delivery")
+    try:
+        for receivers in (10, 100):
+            messages = max(200, min(4000, 400_000 // (receivers + 1))) // (10 if args.quick else 1)
+
+            async def run_once(server: Server, receivers: int = receivers, messages: int = messages) -> dict:
+                return await fan_out_in_new_room(server, receivers + 1, messages, 20, server.cpu_seconds)
+
+            results = await interleaved(servers, args.rounds, run_once)
+            report.rows += [fan_out_row(server.name, results[server.name], N=receivers) for server in servers]
+            ratio = median_ratio(results[on.name], results[off.name], "cpu_us_per_delivery")
+            report.summary[f"N={receivers} on vs off"] = (
+                verdict(ratio, 1.03) if receivers == 100 else {"ratio": round(ratio, 3)}
+            )
     finally:
         stop(servers)
     return report
@@ -510,17 +535,7 @@ CROWD_HOLD = 60.0  # seconds the crowd is held after it connected, the busy room
 def worker_pids(server: Server) -> list[int]:
     """The processes that serve: uvicorn's workers (children of the supervisor), or the one."""
     assert server.process is not None
-    pid = server.process.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    workers = [int(child) for child in children if b"resource_tracker" not in process_cmdline(int(child))]
-    return workers or [pid]
-
-
-def process_cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
+    return server_process.worker_pids(server.process.pid) or [server.process.pid]
 
 
 def rss_of(pids: list[int]) -> int:
@@ -712,6 +727,7 @@ async def crowd_workers(args: argparse.Namespace) -> Report:
 WORKLOADS: dict[str, Callable[[argparse.Namespace], Awaitable[Report]]] = {
     "fanout": fanout,
     "browser": browser_like,
+    "metrics": metrics_cost,
     "latency": latency_workload,
     "memory": memory,
     "slow": slow_consumer,

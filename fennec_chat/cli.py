@@ -25,7 +25,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-from . import uvicorn_contract
+from . import metrics, uvicorn_contract
 from .fennec_fixes import StartupError
 from .gate import Tokens
 from .logs import log_config
@@ -55,6 +55,8 @@ def main(
     try:
         check_certificate(settings)
         listener = bind(settings)  # uvicorn listens on it once the app has started
+        if settings.metrics_port:  # before the workers start: they count into its directory
+            metrics.serve(settings.metrics_host, settings.metrics_port, workers)
     except StartupError as error:
         fail(str(error))
     port = listener.getsockname()[1]  # the one the system picked, for --port 0
@@ -106,6 +108,7 @@ class Workers(Multiprocess):
         # uvicorn replaces a worker that died or did not answer in time, and says so at info level.
         for pid in before - {process.pid for process in self.processes}:
             logger.warning("worker %s died or stopped answering: replaced; its connections were lost", pid)
+            metrics.process_gone(pid)
         if any(process.exitcode == STARTUP_FAILURE for process in self.processes):
             self.failed = True
         elif (

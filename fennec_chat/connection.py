@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from fennec import WebSocket
 
+from . import metrics
 from .fennec_fixes import incoming
 from .gate import Identity
 from .leave_grace import may_come_back
@@ -52,14 +53,20 @@ class Connection:
         old_id = await self.manager.come_back(self.room, self.session, self.identity, self.username)
         self.returning = old_id is not None
         self.client_id = await self.manager.connect(self.websocket, old_id, author, self.username)
+        metrics.connections.labels(self.endpoint).inc()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        metrics.connections.labels(self.endpoint).dec()
         outlives = self.manager.backplane.presence_outlives_process
         if may_come_back(self.close_code, self.session, outlives):
-            await self.manager.disconnect(self.client_id, self.session, self.identity)
+            await self.manager.disconnect(self.client_id, self.session, self.identity, self.close_code)
         else:
-            await self.manager.disconnect(self.client_id)
+            await self.manager.disconnect(self.client_id, close_code=self.close_code)
+
+    @property
+    def endpoint(self) -> str:
+        return "chat" if self.room else "lobby"
 
     def frames(self) -> AsyncIterator[dict[str, Any]]:
         """The client's frames (raw: fennec_fixes.incoming) until it closes or is dropped."""

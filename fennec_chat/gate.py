@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 from fennec.exceptions import UnauthorizedException
 from fennec.security import JWTHandler
 
+from . import metrics
 from .limits import Ledger, RateLimits, Sender, room_creation_bucket
 from .protocol import CloseCode, Rejection, check_username, room_name_problem
 from .settings import Settings
@@ -191,6 +192,7 @@ class Admitted:
         """The admission, or None: refused, and closed with the refusal's code and reason."""
         self.admission = await self.gate.admit(self.websocket.scope, self.room)
         if isinstance(self.admission, Refusal):
+            metrics.refusals.labels(str(int(self.admission.code))).inc()
             await self.websocket.close(self.admission.code, self.admission.reason)
             return None
         return self.admission

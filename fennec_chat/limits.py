@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import protocol
+from . import metrics, protocol
 from .protocol import ErrorCode, LoadEarlier, Rejection, SendMessage, SetUsername, Typing
 from .settings import Settings
 
@@ -156,7 +156,7 @@ class RateLimits:
             return None
         size = len(frame.get("text") or frame.get("bytes") or "")
         wait = self.frames.take(1 + size // self.FRAME_BYTES)
-        return None if wait == 0 else self.refuse(wait, None, "too many frames")
+        return None if wait == 0 else self.refuse(wait, None, "too many frames", "frames")
 
     def check(
         self, command: protocol.Command | Rejection, frame: dict[str, Any]
@@ -169,29 +169,38 @@ class RateLimits:
                 )
             return command
         if isinstance(command, Typing):
-            return command if self.typing.take() == 0 else None
+            if self.typing.take() == 0:
+                return command
+            metrics.rate_limited.labels("typing").inc()
+            return None
         if isinstance(command, SendMessage | LoadEarlier):  # a page of history costs a message
             wait = self._own("messages", self.messages).take()
             if not wait and self.address_key is not None:  # shared by everyone behind the address
                 per_address = self.settings.rate_messages_per_address
                 wait = self.ledger.bucket("messages", self.address_key, per_address, 2 * per_address).take()
-            what = "messages" if isinstance(command, SendMessage) else "requests for history"
+            what, limit = (
+                ("messages", "messages")
+                if isinstance(command, SendMessage)
+                else ("requests for history", "history")
+            )
         elif isinstance(command, SetUsername):
-            wait, what = self._own("renames", self.renames).take(), "renames"
+            wait, what, limit = self._own("renames", self.renames).take(), "renames", "renames"
         else:
             return command
         if wait == 0:
             return command
-        return self.refuse(wait, getattr(command, "client_msg_id", None), f"too many {what}")
+        return self.refuse(wait, getattr(command, "client_msg_id", None), f"too many {what}", limit)
 
     def check_request(self, frame: dict[str, Any]) -> Rejection | None:
         """A lobby refresh (any text frame) counts as a message: None if it may go ahead."""
         if frame.get("text") is None:
             return Rejection(ErrorCode.UNSUPPORTED_FRAME, "send text to get the room list")
         wait = self.messages.take()
-        return None if wait == 0 else self.refuse(wait, None, "too many requests")
+        return None if wait == 0 else self.refuse(wait, None, "too many requests", "lobby")
 
-    def refuse(self, wait: float, client_msg_id: str | None, what: str) -> Rejection:
+    def refuse(self, wait: float, client_msg_id: str | None, what: str, limit: str) -> Rejection:
+        """A `rate_limited` answer (`limit`: which, for the metrics)."""
+        metrics.rate_limited.labels(limit).inc()
         retry_after = math.ceil(wait * 1000) / 1000
         reason = f"slow down, {what}: try again in {retry_after} s"
         if self._own("warnings", self.warnings).take() > 0:

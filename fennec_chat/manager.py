@@ -10,13 +10,14 @@ import enum
 import heapq
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 
 from fennec import WebSocket
 
-from . import protocol
+from . import metrics, protocol
 from .backplane import Backplane, LocalBackplane, Member, RoomEvent, open_backplane
 from .connection import Connection
 from .fennec_fixes import FanOutManager
@@ -32,6 +33,7 @@ from .settings import Settings
 
 logger = logging.getLogger("fennec_chat")
 
+NO_CLOSE_FRAME = 1006  # what RFC 6455 calls a connection that ended without a close frame
 HELD_PER_OUTBOX_LIMIT = 8  # room events held for a newcomer, in outbox limits (2,048 by default)
 
 
@@ -79,6 +81,7 @@ class ChatManager(FanOutManager):
         self.room_history = RoomHistory(self)
         self._awaiting_close_frame: dict[str, Outbox] = {}  # dropped by the server, close frame on its way
         self._away: dict[str, tuple[Away, asyncio.TimerHandle]] = {}  # client_id → its grace, held here
+        self._counting_rooms: asyncio.Task | None = None  # for --metrics-port
 
     @property
     def history(self) -> History | None:
@@ -88,6 +91,9 @@ class ChatManager(FanOutManager):
         """Open the backplane (and through it the message history) the settings ask for."""
         self.backplane = open_backplane(self.settings)
         await self.backplane.start(self)
+        if self.settings.metrics_port:
+            metrics.enable()
+            self._counting_rooms = asyncio.create_task(metrics.count_rooms_forever(self.backplane.room_count))
 
     # --- Connections (Fennec's API, extended) -------------------------------------------------
 
@@ -122,17 +128,24 @@ class ChatManager(FanOutManager):
         return client_id
 
     async def disconnect(
-        self, client_id: str, session: str | None = None, identity: Identity = ANONYMOUS
+        self,
+        client_id: str,
+        session: str | None = None,
+        identity: Identity = ANONYMOUS,
+        close_code: int | None = None,
     ) -> None:
         """Forget a client and tell its room it left: exactly once, whatever ended it. With
         `session` (its tab may be back: a reload), it stays in the room, away, for --leave-grace.
+        `close_code`: the client's, if it sent a close frame.
 
         If the server closed it (kicked, flooding, too slow), wait a little for the close frame
         to go out: once the handler returns, uvicorn drops the connection without one.
         """
         self._drop(client_id, away=(session, identity.username or "") if session else None)
         if (closing := self._awaiting_close_frame.pop(client_id, None)) is not None:
+            close_code = closing.close_code
             await closing.wait_closed(timeout=5)
+        metrics.closes.labels(str(int(close_code or NO_CLOSE_FRAME))).inc()
 
     def is_connected(self, client_id: str) -> bool:
         return client_id in self.clients
@@ -209,13 +222,15 @@ class ChatManager(FanOutManager):
 
     def deliver_room_event(self, event: RoomEvent) -> None:
         """The backplane hands a room event back: give it to this process's members of the room."""
+        started = perf_counter()
         recipients = [cid for cid in self.rooms.get(event.room, ()) if cid != event.exclude]
         self._deliver(event.text, recipients, room_event=True, message_id=event.message_id)
+        metrics.broadcast_seconds.observe(perf_counter() - started)
         if event.kick is not None and event.kick in self.rooms.get(event.room, ()):
             self._drop(event.kick, close=(CloseCode.KICKED, "kicked"), discard=False)
 
     def _deliver(
-        self, text: str, recipients: Iterable[str], room_event: bool = False, message_id: int | None = None
+        self, text: str, recipients: Collection[str], room_event: bool = False, message_id: int | None = None
     ) -> None:
         """Append one encoded event to each recipient's outbox; close the ones that overflow.
 
@@ -240,9 +255,12 @@ class ChatManager(FanOutManager):
                     overflowed.append(client)
             elif not client.outbox.put(text, frame):
                 overflowed.append(client)
+        metrics.deliveries.inc(len(recipients) - len(overflowed))
         for client in overflowed:
             reason = f"too slow: more than {limit} events waiting"
             self._drop(client.id, close=(CloseCode.TRY_AGAIN_LATER, reason))
+        if overflowed:
+            metrics.outbox_overflows.inc(len(overflowed))
 
     def _drop(
         self,
@@ -388,6 +406,8 @@ class ChatManager(FanOutManager):
         """Release everything (uvicorn has already closed every socket by now). Members kept
         away stay so in Redis: another process ends their grace, or continues them."""
         self.lobby.cancel()
+        if self._counting_rooms is not None:
+            self._counting_rooms.cancel()
         for _, timer in self._away.values():
             timer.cancel()
         self._away.clear()

@@ -90,6 +90,11 @@ class Outbox:
             self._writer = asyncio.create_task(self._write_queued())
         return True
 
+    @property
+    def close_code(self) -> int | None:
+        """The code of the close frame asked for, if one was."""
+        return self._close_frame[0] if self._close_frame is not None else None
+
     def close(self, code: int, reason: str, discard: bool = True) -> None:
         """Send a close frame as soon as the socket takes it, after what is queued unless
         `discard` (a client that stopped reading will not read what is queued anyway)."""

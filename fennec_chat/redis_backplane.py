@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,7 @@ try:
 except ImportError as missing:  # pragma: no cover - depends on the installation
     raise RuntimeError("--redis-url needs redis-py: pip install 'fennec-chat[redis]'") from missing
 
+from . import metrics
 from .backplane import Backplane, BackplaneUnavailable, Listener, RoomEvent
 from .fennec_fixes import StartupError
 from .history import Stored
@@ -162,7 +164,9 @@ class RedisBackplane(RedisPresence, Backplane):
                     pipe = self._writer.pipeline(transaction=False)
                     for add, _ in batch:
                         add(pipe)
+                    started = time.perf_counter()
                     replies = await pipe.execute(raise_on_error=False)
+                    metrics.backplane_publish_seconds.observe(time.perf_counter() - started)
                 except (RedisError, OSError) as error:
                     self._lost(error)
                     for _, future in batch:
@@ -343,6 +347,7 @@ class RedisBackplane(RedisPresence, Backplane):
             return
         logger.error("lost Redis (%s); reconnecting", error)
         self._connected = False
+        metrics.backplane_up.set(0)
         while self._queue:
             _, future = self._queue.popleft()
             if future is not None and not future.done():
@@ -386,6 +391,7 @@ class RedisBackplane(RedisPresence, Backplane):
             if ready is not None and not ready.done():
                 ready.set_result(None)
         logger.info("Redis is back")
+        metrics.backplane_up.set(1)
         self._chore(self._refresh_views(set(rooms), reset))
         self._listener.lobby_changed()
 

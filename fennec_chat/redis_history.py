@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
+from . import metrics
 from .history import History, RoomState, Stored
 from .protocol import encode
 from .redis_scripts import APPEND, ROOM_STATE, RedisKeys
@@ -48,11 +50,13 @@ class RedisHistory(History):
         reply = self.send(lambda pipe: pipe.eval(APPEND, len(keys), *keys, *args), want_result=True)
         assert reply is not None
         stored: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
+        started = time.perf_counter()
 
         def unpack(done: asyncio.Future) -> None:
             if done.exception() is not None:
                 stored.set_exception(done.exception())
                 return
+            metrics.history_commit_seconds.observe(time.perf_counter() - started)
             duplicate, text = done.result()[0], done.result()[1]
             stored.set_result(Stored(json.loads(text), text, duplicate=bool(duplicate)))
 

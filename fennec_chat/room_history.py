@@ -9,9 +9,9 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
-from . import protocol
+from . import metrics, protocol
 from .backplane import BackplaneUnavailable
-from .history import Stored, sender_digest
+from .history import Page, Stored, sender_digest
 from .protocol import ErrorCode
 
 if TYPE_CHECKING:
@@ -21,6 +21,12 @@ logger = logging.getLogger("fennec_chat")
 
 MAX_IN_FLIGHT = 64  # a client's messages waiting for the history before its next one waits too
 EARLIER_PAGE = 50  # messages in one answer to `load_earlier`
+
+
+def resume_outcome(page: Page) -> str:
+    """How a reconnection with ?since= went: `exact` (everything it missed), `truncated` (more
+    than we keep or send: a gap) or `reset` (its position is not in this history)."""
+    return "reset" if page.reset else "truncated" if page.truncated else "exact"
 
 
 class RoomHistory:
@@ -73,6 +79,8 @@ class RoomHistory:
         elif stored.result().duplicate:
             # A resend of a message we already have: only the sender hears of it, as its receipt.
             manager._deliver(stored.result().text, (sender,))
+        else:
+            metrics.messages.inc()
 
     async def send_history(self, client_id: str, room: str, since: int | None, epoch: str | None) -> None:
         """Send `history`: what was stored before the client joined; then, as live `message`
@@ -117,6 +125,8 @@ class RoomHistory:
             manager._deliver(protocol.encode(event), (client_id,))
             if since is not None and not page.reset:
                 already_seen = since
+            if since is not None:
+                metrics.resumes.labels(resume_outcome(page)).inc()
         for message_id, text in held:
             if message_id is None or message_id > already_seen:
                 manager._deliver(text, (client_id,))

@@ -146,6 +146,14 @@ class Settings:
         "'fast': ours (writes an event to every socket at once, less memory, bounded pongs), or uvicorn's "
         "own if this uvicorn lacks what it needs (a warning says what); 'stock': uvicorn's own",
     )
+    metrics_port: int = setting(
+        0,
+        "CHAT_METRICS_PORT",
+        "serve Prometheus metrics on this port, a listener of their own (0: no metrics; README, Metrics)",
+    )
+    metrics_host: str = setting(
+        "127.0.0.1", "CHAT_METRICS_HOST", "interface of --metrics-port; loopback keeps them private"
+    )
     ws_compression: bool = setting(
         False,
         "CHAT_WS_COMPRESSION",
@@ -217,8 +225,11 @@ class Settings:
 
     def check(self) -> None:
         """Refuse values that would make the server misbehave, rather than fail later."""
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port {self.port} is not between 0 and 65535")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} {getattr(self, name)} is not between 0 and 65535")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError("--metrics-port must differ from --port: metrics have a listener of their own")
         for name in (
             "max_message_chars",
             "max_username_chars",

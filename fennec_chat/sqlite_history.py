@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+from . import metrics
 from .fennec_fixes import StartupError
 from .history import History, RoomState, Stored
 from .protocol import encode
@@ -81,6 +82,7 @@ class SQLiteHistory(History):
         self._uncommitted: list[tuple[asyncio.Future[Stored], Stored]] = []
         self._touched: set[str] = set()  # rooms whose last id and pruning the commit saves
         self._commit_scheduled = False
+        self._begun = 0.0  # time.perf_counter() when the turn's transaction began
         self._last_write = 0.0  # time.monotonic() of the last commit
         self._lock_file: Any = None
         self._stopping = threading.Event()
@@ -221,6 +223,7 @@ class SQLiteHistory(History):
         try:
             if not db.in_transaction:
                 db.execute("BEGIN IMMEDIATE")
+                self._begun = time.perf_counter()
             result = self._append(db, room, event, sender)
         except Exception as error:
             self._fail_turn(error)
@@ -289,6 +292,8 @@ class SQLiteHistory(History):
         finally:
             self._touched.clear()
         self._last_write = time.monotonic()
+        # The wait of the turn's first message: from its arrival to its commit.
+        metrics.history_commit_seconds.observe(time.perf_counter() - self._begun)
         for future, result in waiting:
             if not future.done():
                 future.set_result(result)

@@ -32,6 +32,20 @@ LIMITS_OFF = [
 ]
 
 
+def worker_pids(parent: int) -> list[int]:
+    """uvicorn's worker processes under `parent` (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(child) for child in children if b"resource_tracker" not in process_cmdline(int(child))]
+
+
+def process_cmdline(pid: int) -> bytes:
+    """The command line of `pid`, or b"" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

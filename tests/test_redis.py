@@ -11,13 +11,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import redis
 
 from tests.chat_client import ChatClient
-from tests.server_process import ROOT, ServerProcess
+from tests.server_process import ROOT, ServerProcess, worker_pids
 
 ROOM_EVENTS = {"message", "typing", "username_changed", "user_joined", "user_left"}
 
@@ -339,14 +338,6 @@ async def test_workers_share_rooms_through_redis(start_server, redis_server, roo
         await client.wait_for("message", message="to every worker")
     for client in clients:
         await client.close()
-
-
-def worker_pids(parent: int) -> list[int]:
-    """uvicorn's worker processes (not multiprocessing's resource tracker)."""
-    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-    return [
-        int(pid) for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
 
 
 async def test_a_worker_that_dies_is_replaced_and_the_log_says_so(start_server, redis_server, room):
