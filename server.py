@@ -18,7 +18,7 @@ from fennec_chat import cli, protocol
 from fennec_chat.collector import Freezer
 from fennec_chat.fennec_fixes import ChatApplication, query_params
 from fennec_chat.gate import Gate
-from fennec_chat.manager import ChatManager, Connection
+from fennec_chat.manager import ChatManager, Connection, Moderation
 from fennec_chat.moderation import WordFilter
 from fennec_chat.page import read_page
 from fennec_chat.protocol import CloseCode, ErrorCode
@@ -64,8 +64,8 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
                         await set_username(me, command)
                     case protocol.Typing():
                         await typing(me)
-                    case protocol.Kick():
-                        await kick(me, command)
+                    case protocol.Kick() | protocol.Unban() | protocol.DeleteMessage():
+                        await moderate(me, command)
                     case protocol.LoadEarlier():
                         await load_earlier(me, command)
                     case protocol.Rejection():  # bad input is answered, never fatal
@@ -121,10 +121,12 @@ async def typing(me: Connection) -> None:
     await manager.broadcast_json(event, room=me.room, exclude=me.client_id)  # not back to the typist
 
 
-async def kick(me: Connection, kick: protocol.Kick) -> None:
+async def moderate(me: Connection, command: Moderation) -> None:
+    # Kick (and keep out for --kick-ban seconds), unban, delete a message: admins only.
     if not me.identity.admin:
-        await manager.send_json(me.client_id, protocol.error(ErrorCode.FORBIDDEN, "only an admin may kick"))
-    elif problem := await manager.kick(me.room, kick.client_id, by=manager.username(me.client_id)):
+        refusal = protocol.error(ErrorCode.FORBIDDEN, f"only an admin may {command.verb}")
+        await manager.send_json(me.client_id, refusal)
+    elif problem := await manager.moderate(me.room, command, by=manager.username(me.client_id)):
         await manager.send_json(me.client_id, problem.event())
 
 

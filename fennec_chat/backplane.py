@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+from .bans import Bans, MemoryBans, SQLiteBans
 from .history import History, Stored, open_history
 from .leave_grace import Away, AwayBook
 from .protocol import encode
@@ -72,6 +73,7 @@ class Backplane(ABC):
     """Carries room events between the processes that serve a room, in one order for all."""
 
     history: History | None
+    bans: Bans  # who may not come back to which room (bans.py)
     presence_outlives_process = False  # whether others can hold this process's members when it stops
 
     @abstractmethod
@@ -194,6 +196,9 @@ class LocalBackplane(Backplane):
 
     def __init__(self, history: History | None) -> None:
         self.history = history
+        # In the history's file if there is one (they outlive a restart), else in memory.
+        opened = getattr(history, "opened", None)
+        self.bans = SQLiteBans(opened) if opened is not None else MemoryBans()
         # room → what waits, in order: a message being stored (its future) or another event.
         self._waiting: dict[str, deque[asyncio.Future[Stored] | RoomEvent]] = {}
         self._delivered: dict[str, int] = {}  # room → newest id delivered, while more wait
@@ -207,6 +212,8 @@ class LocalBackplane(Backplane):
         self._deliver = listener.deliver_room_event
         if self.history is not None:
             await self.history.start()
+        if isinstance(self.bans, SQLiteBans):
+            self.bans.create()
 
     async def close(self) -> None:
         if self.history is not None:

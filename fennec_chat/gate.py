@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -147,8 +148,15 @@ class Gate:
                 identity = tokens.verify(token, self.settings)
             except TokenProblem as problem:
                 return Refusal(CloseCode.POLICY_VIOLATION, f"invalid token: {problem}")
-        admission = Admission((scope.get("client") or ("unknown", 0))[0], identity)
         backplane = self.manager.backplane
+        if (
+            room is not None
+            and identity.username is not None
+            and (until := await backplane.bans.banned_until(room, identity.username)) is not None
+        ):
+            ends = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until))
+            return Refusal(CloseCode.BANNED, f"you are banned from this room until {ends}")
+        admission = Admission((scope.get("client") or ("unknown", 0))[0], identity)
         cap = self.settings.max_connections_per_ip
         if not await backplane.take_seat(admission.address, cap):
             reason = f"too many connections from your address (at most {cap})"

@@ -78,6 +78,11 @@ class History(ABC):
     async def before(self, room: str, before_id: int, limit: int) -> list[dict[str, Any]]:
         """Up to `limit` of the newest messages with an id below `before_id`, oldest first."""
 
+    @abstractmethod
+    async def delete(self, room: str, message_id: int) -> bool:
+        """Remove one message (an admin's `delete_message`); whether it was there. Its id is
+        not given again: ids keep increasing."""
+
     async def earlier(self, room: str, before_id: int, limit: int) -> tuple[list[dict[str, Any]], bool]:
         """What `load_earlier` asks for: up to `limit` messages below `before_id`, oldest first,
         and whether nothing older is retained (one more is read to tell)."""

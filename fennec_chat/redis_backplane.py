@@ -34,6 +34,7 @@ except ImportError as missing:  # pragma: no cover - depends on the installation
 
 from . import metrics
 from .backplane import Backplane, BackplaneUnavailable, Listener, RoomEvent
+from .bans import RedisBans
 from .fennec_fixes import StartupError
 from .history import Stored
 from .protocol import encode
@@ -57,6 +58,9 @@ class RedisBackplane(RedisPresence, Backplane):
         self.process_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.history = (
             RedisHistory(settings, self.keys, self._send, lambda: self._redis) if settings.history else None
+        )
+        self.bans = RedisBans(
+            lambda room, username: self.keys.room(room, f"ban:{username}"), lambda: self._redis
         )
         self._init_presence()
         # Commands wait here to go out in order, in pipelines, on the writer connection.

@@ -63,6 +63,9 @@ class RedisHistory(History):
         reply.add_done_callback(unpack)
         return stored
 
+    async def delete(self, room: str, message_id: int) -> bool:
+        return bool(await self.reader().xdel(self.keys.room(room, "stream"), f"0-{message_id}"))
+
     async def room_state(self, room: str) -> RoomState:
         """The room's epoch (made, with its expiry, on first use) and its last message id."""
         keys = [self.keys.room(room, "last_id"), self.keys.room(room, "epoch")]

@@ -146,6 +146,11 @@ class Settings:
         "'fast': ours (writes an event to every socket at once, less memory, bounded pongs), or uvicorn's "
         "own if this uvicorn lacks what it needs (a warning says what); 'stock': uvicorn's own",
     )
+    kick_ban: float = setting(
+        300.0,
+        "CHAT_KICK_BAN",
+        "seconds a kicked user (its token's name) may not come back to that room (0: may at once)",
+    )
     metrics_port: int = setting(
         0,
         "CHAT_METRICS_PORT",
@@ -252,6 +257,7 @@ class Settings:
             "history_days",
             "leave_grace",
             "max_rooms",
+            "kick_ban",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")

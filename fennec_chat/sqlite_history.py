@@ -259,6 +259,15 @@ class SQLiteHistory(History):
         )
         return [json.loads(text) for (text,) in reversed(rows.fetchall())]
 
+    def opened(self) -> sqlite3.Connection:
+        """The connection, for what else keeps its state in this file (bans.py)."""
+        return self._opened()
+
+    async def delete(self, room: str, message_id: int) -> bool:
+        # In the turn's transaction if one is open (committed with it), else at once.
+        deleted = self._opened().execute("DELETE FROM messages WHERE room = ? AND id = ?", (room, message_id))
+        return deleted.rowcount > 0
+
     def _opened(self) -> sqlite3.Connection:
         if self._db is None:
             raise RuntimeError("history is not open")

@@ -3,9 +3,11 @@ sender's role predict, the connection survives, a bystander sees only what valid
 and the server logs no error.
 
 The fuzzer is anonymous (no --jwt-secret), or signed in with a token as a plain member or as an
-admin. Every command is drawn, `kick` included: from anyone but an admin it gets `forbidden`;
-from an admin, `not_found` for a client_id that is not in the room, and the kick itself for one
-that is (the bystander, or the fuzzer itself), which ends the exchange.
+admin. Every command is drawn, `kick`, `unban` and `delete_message` included: from anyone but an
+admin they get `forbidden`; from an admin, `not_found` for a client_id that is not in the room,
+and the kick itself for one that is (the bystander, or the fuzzer itself), which ends the
+exchange; `not_found` for an unban (nobody is banned); a deletion of a stored message reaches
+both, and later pages of history lack it.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ async def exchange(server: ServerProcess, frames: list[dict], role: str) -> None
     await fuzzer.expect("user_joined")
     name = "fuzzer"
     accepted: dict[str, str] = {}  # client_msg_id → text of the message first sent with it
-    stored = 0  # messages in the room's history: ids 1..stored (the probes included)
+    stored = 0  # messages in the room's history: ids 1..stored (the probes included)...
+    deleted: set[int] = set()  # ...but those an admin fuzzer deleted
     members = {KICK_SELF: fuzzer_id, KICK_BYSTANDER: bystander_id}
 
     for number, frame in enumerate(frames):
@@ -163,11 +166,24 @@ async def exchange(server: ServerProcess, frames: list[dict], role: str) -> None
             name = expected.username
         elif isinstance(expected, LoadEarlier):
             # The newest 50 below `before`, oldest first, to the asker alone.
-            below = min(expected.before, stored + 1)
-            ids = list(range(max(1, below - 50), below))
+            kept = [i for i in range(1, min(expected.before, stored + 1)) if i not in deleted]
             assert [(e["type"], [m["id"] for m in e["messages"]], e["complete"]) for e in to_fuzzer] == [
-                ("earlier_messages", ids, not ids or ids[0] == 1)
+                ("earlier_messages", kept[-50:], len(kept) <= 50)
             ]
+            assert to_bystander == []
+        elif isinstance(expected, protocol.DeleteMessage) and role == "admin":
+            if 1 <= expected.message_id <= stored and expected.message_id not in deleted:
+                deleted.add(expected.message_id)
+                gone = [("message_deleted", expected.message_id)]
+                for events in (to_fuzzer, to_bystander):
+                    assert [(e["type"], e["id"]) for e in events] == gone
+            else:
+                assert [(e["type"], e["code"]) for e in to_fuzzer] == [("error", ErrorCode.NOT_FOUND)]
+                assert to_bystander == []
+        elif isinstance(expected, protocol.Unban | protocol.DeleteMessage):
+            # Only an admin may; an admin's unban of someone not banned (nobody is) is not_found.
+            code = ErrorCode.NOT_FOUND if role == "admin" else ErrorCode.FORBIDDEN
+            assert [(e["type"], e["code"]) for e in to_fuzzer] == [("error", code)]
             assert to_bystander == []
         elif isinstance(expected, Kick):
             # Only an admin may kick; an admin's kick of someone not in the room is not_found.

@@ -193,7 +193,8 @@ async def test_a_member_continues_only_with_its_own_token(start_server, room):
 
 
 async def test_a_kicked_away_member_leaves_at_once_and_comes_back_as_a_newcomer(start_server, room):
-    server = start_server("--jwt-secret", SECRET, "--leave-grace", "30")
+    # --kick-ban 0: the kicked may come back at once (test_moderation.py tests the ban).
+    server = start_server("--jwt-secret", SECRET, "--leave-grace", "30", "--kick-ban", "0")
     admin = await server.connect(f"/ws/chat/{room}?token={TOKENS.mint('boss', admin=True)}")
     await admin.joined()
     tab = new_session()

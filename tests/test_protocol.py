@@ -28,11 +28,9 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
     max_leaves=12,
 )
+COMMAND_TYPES = ["message", "set_username", "typing", "kick", "load_earlier", "unban", "delete_message"]
 command_like = st.fixed_dictionaries(
-    {
-        "type": st.sampled_from(["message", "set_username", "typing", "kick", "load_earlier", "", "MESSAGE"])
-        | st.text()
-    },
+    {"type": st.sampled_from([*COMMAND_TYPES, "", "MESSAGE"]) | st.text()},
     optional={
         "message": json_values,
         "username": json_values,
@@ -41,6 +39,7 @@ command_like = st.fixed_dictionaries(
         | st.text(max_size=70)
         | json_values,
         "before": st.integers(min_value=-2, max_value=80) | json_values,
+        "id": st.integers(min_value=-2, max_value=80) | json_values,
     },
 )
 # Well-formed commands of every kind, most of them valid. Arbitrary JSON alone seldom makes one:
@@ -62,6 +61,11 @@ well_formed = st.one_of(
     st.builds(
         lambda before: {"type": "load_earlier", "before": before},
         st.integers(min_value=-1, max_value=80) | st.sampled_from([10**18 - 1, 10**18, True, 1.0, "3", None]),
+    ),
+    st.builds(lambda name: {"type": "unban", "username": name}, st.text(min_size=1, max_size=34)),
+    st.builds(
+        lambda message_id: {"type": "delete_message", "id": message_id},
+        st.integers(min_value=-1, max_value=80) | st.sampled_from([10**18, True, 1.0, "3", None]),
     ),
 )
 tricky_texts = st.sampled_from(
@@ -93,7 +97,7 @@ def text_frame(data: object) -> dict:
 @given(frames)
 def test_every_frame_becomes_a_command_or_a_rejection(frame):
     result = protocol.parse_command(frame, SETTINGS)
-    assert isinstance(result, SendMessage | SetUsername | Typing | Kick | LoadEarlier | Rejection)
+    assert isinstance(result, protocol.Command | Rejection)
     if isinstance(result, Rejection):
         assert result.code in ERROR_CODES
         event = result.event()
@@ -178,6 +182,8 @@ def test_room_names_are_ascii_words_of_at_most_64_characters(room):
         ({"type": "set_username", "username": "👩‍💻 Zoë"}, SetUsername("👩‍💻 Zoë")),
         ({"type": "load_earlier", "before": 51}, LoadEarlier(51)),
         ({"type": "load_earlier", "before": 10**18 - 1}, LoadEarlier(10**18 - 1)),
+        ({"type": "unban", "username": " Bob "}, protocol.Unban("Bob")),
+        ({"type": "delete_message", "id": 7}, protocol.DeleteMessage(7)),
     ],
 )
 def test_valid_commands(data, expected):

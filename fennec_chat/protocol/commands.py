@@ -40,6 +40,7 @@ class Typing:
 @dataclass(frozen=True, slots=True)
 class Kick:
     client_id: str  # whom an admin removes from the room
+    verb = "kick"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +48,19 @@ class LoadEarlier:
     before: int  # the messages with an id below this one, newest 50 of them
 
 
-Command = SendMessage | SetUsername | Typing | Kick | LoadEarlier
+@dataclass(frozen=True, slots=True)
+class Unban:
+    username: str  # whom an admin lets back into the room before their ban ends
+    verb = "unban"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteMessage:
+    message_id: int  # the message an admin removes from the history and from every screen
+    verb = "delete messages"
+
+
+Command = SendMessage | SetUsername | Typing | Kick | LoadEarlier | Unban | DeleteMessage
 
 
 def parse_command(frame: dict[str, Any], settings: Settings) -> Command | Rejection:
@@ -79,8 +92,17 @@ def parse_command(frame: dict[str, Any], settings: Settings) -> Command | Reject
         return Kick(target)
     if kind == "load_earlier":
         return _load_earlier(data.get("before"))
+    if kind == "unban":
+        name = check_username(data.get("username"), settings, reserved_ok=True)
+        return name if isinstance(name, Rejection) else Unban(name)
+    if kind == "delete_message":
+        message_id = data.get("id")
+        if type(message_id) is not int or not 1 <= message_id < 10**MESSAGE_ID_CHARS:
+            return Rejection(ErrorCode.INVALID_EVENT, '"id" must be a message id: a positive integer')
+        return DeleteMessage(message_id)
     return Rejection(
-        ErrorCode.UNKNOWN_TYPE, 'unknown "type"; expected message, set_username, typing, kick or load_earlier'
+        ErrorCode.UNKNOWN_TYPE,
+        'unknown "type"; expected message, set_username, typing, kick, load_earlier, unban or delete_message',
     )
 
 
@@ -103,6 +125,8 @@ def max_frame_chars(kind: str, settings: Settings) -> int | None:
         "typing": 0,
         "kick": KICK_TARGET_CHARS,
         "load_earlier": MESSAGE_ID_CHARS,
+        "unban": settings.max_username_chars,
+        "delete_message": MESSAGE_ID_CHARS,
     }.get(kind)
     return None if field_chars is None else ENVELOPE_CHARS + 12 * field_chars
 

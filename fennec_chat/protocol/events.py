@@ -24,6 +24,7 @@ class CloseCode(IntEnum):
     # too many new rooms from one address, or too many rooms on the server.
     TRY_AGAIN_LATER = 1013
     KICKED = 4001  # an admin removed the client (an application code: 4000-4999)
+    BANNED = 4003  # kicked from this room a while ago: the reason says until when
     RECONNECTING = 4100  # sent by a client that closes to reconnect at once: not a leave
     KEEPALIVE_TIMEOUT = 4408  # no pong came back in time: the connection is presumed dead
 
@@ -213,6 +214,20 @@ def kicked(username: str, client_id: str, by: str) -> dict[str, Any]:
         "client_id": client_id,
         "timestamp": now(),
     }
+
+
+def unbanned(username: str, by: str) -> dict[str, Any]:
+    return {
+        "type": "system",
+        "kind": "unbanned",
+        "message": f"{by} lifted the ban on {username}",
+        "username": username,
+        "timestamp": now(),
+    }
+
+
+def message_deleted(room: str, message_id: int) -> dict[str, Any]:
+    return {"type": "message_deleted", "room": room, "id": message_id, "timestamp": now()}
 
 
 def error(code: str, message: str) -> dict[str, Any]:
