@@ -2,7 +2,8 @@
 loses nothing"), on real parts: one redis-server with append-only persistence, two
 `python server.py --redis-url` processes, and page-like WebSocket clients (chaos_client.py) in
 several rooms, while a schedule drawn from the seed kills and restarts the chat processes
-(SIGKILL and SIGTERM), restarts Redis, drops clients' connections and freezes their reading.
+(SIGKILL and SIGTERM), restarts (or kills) Redis, drops clients' connections and freezes their
+reading.
 Then the faults stop, everything settles, and chaos_checks.py compares every client's
 transcript with the others', with its own sends and with the history in Redis.
 
@@ -33,6 +34,9 @@ from tests.redis_process import RedisProcess
 from tests.server_process import ServerProcess, log_path
 
 PROCESS_FAULTS = ("kill_chat", "term_chat", "restart_redis")
+# Drawn with the others but not required in every storm: Redis killed, back from its AOF. With
+# appendfsync everysec a crash keeps every acknowledged write unless fsync lags (a busy disk).
+EXTRA_PROCESS_FAULTS = ("kill_redis",)
 CLIENT_FAULTS = ("drop_client", "pause_client")
 PREFIX = "fennec-chat:"  # the server's default --redis-prefix
 
@@ -61,15 +65,16 @@ class Fault:
     seconds: float  # how long it is down, or how long the client stops reading
 
     def __str__(self) -> str:
-        target = "" if self.kind == "restart_redis" else f" #{self.target}"
+        target = "" if self.kind.endswith("_redis") else f" #{self.target}"
         return f"{self.at:6.2f} s  {self.kind}{target} ({self.seconds:.1f} s)"
 
 
 def schedule(rng: random.Random, seconds: float, clients: int) -> list[Fault]:
-    """Every kind at least once, then more at random: a process fault every 6 s or so, a client
-    fault every 1.5 s. Process faults run one after the other (a chat process cannot start
-    while Redis is down), client faults whenever they come."""
-    process = list(PROCESS_FAULTS) + [rng.choice(PROCESS_FAULTS) for _ in range(int(seconds / 6) - 3)]
+    """Every kind at least once (kill_redis only if drawn), then more at random: a process fault
+    every 6 s or so, a client fault every 1.5 s. Process faults run one after the other (a chat
+    process cannot start while Redis is down), client faults whenever they come."""
+    drawn = PROCESS_FAULTS + EXTRA_PROCESS_FAULTS
+    process = list(PROCESS_FAULTS) + [rng.choice(drawn) for _ in range(int(seconds / 6) - 3)]
     client = list(CLIENT_FAULTS) + [rng.choice(CLIENT_FAULTS) for _ in range(int(seconds / 1.5) - 2)]
     faults = []
     for kind in process + client:
@@ -107,8 +112,13 @@ class Cluster:
         await asyncio.to_thread(self.redis.stop)
 
     async def inflict(self, fault: Fault) -> None:
-        if fault.kind == "restart_redis":
-            await asyncio.to_thread(self.redis.stop)  # SIGTERM: the AOF is written out
+        if fault.kind in ("restart_redis", "kill_redis"):
+            if fault.kind == "restart_redis":
+                await asyncio.to_thread(self.redis.stop)  # SIGTERM: the AOF is written out
+            else:
+                assert self.redis.process is not None
+                self.redis.process.send_signal(signal.SIGKILL)
+                await asyncio.to_thread(self.redis.process.wait)
             await asyncio.sleep(fault.seconds)
             await asyncio.to_thread(self.redis.start)
             return
@@ -202,7 +212,7 @@ async def storm(config: Config, cluster: Cluster, rng: random.Random, report: Re
     start = loop.time()
 
     async def process_faults() -> None:  # one after the other: a restart waits for the last one
-        for fault in (fault for fault in report.faults if fault.kind in PROCESS_FAULTS):
+        for fault in (fault for fault in report.faults if fault.kind not in CLIENT_FAULTS):
             await asyncio.sleep(max(0.0, start + fault.at - loop.time()))
             began = loop.time() - start
             await cluster.inflict(fault)
