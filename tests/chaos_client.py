@@ -201,10 +201,11 @@ class ChaosClient:
             except ConnectionClosed:
                 return
 
-    def _later(self, seconds: float) -> None:
+    def _after(self, seconds: float, callback: Callable[[], None]) -> None:
+        """A timer that `stop` cancels (the ones already run are let go)."""
         loop = asyncio.get_running_loop()
-        self._timers = [timer for timer in self._timers if not timer.cancelled()]
-        self._timers.append(loop.call_later(seconds, lambda: self._spawn(self.flush())))
+        self._timers = [timer for timer in self._timers if timer.when() > loop.time()]
+        self._timers.append(loop.call_later(seconds, callback))
 
     # --- What the server says ------------------------------------------------------------------
 
@@ -249,9 +250,11 @@ class ChaosClient:
             without = "" if self.history_on == self.connection else " (no history on this connection)"
             self.stats[f"gaps healed{without}"] += 1
             self.healing = True
-            loop = asyncio.get_running_loop()
-            wait = max(0.0, self.last_heal + HEAL_EVERY - loop.time())
-            self._timers.append(loop.call_later(wait, self._heal, self.ws))
+            ws = self.ws
+            self._after(
+                max(0.0, self.last_heal + HEAL_EVERY - asyncio.get_running_loop().time()),
+                lambda: self._heal(ws),
+            )
             return
         self._show(event, "live")
 
@@ -294,7 +297,7 @@ class ChaosClient:
         send = self.pending.get(event.get("client_msg_id") or "")
         if send is not None and code in RETRY_LATER:  # not lost: it goes again a little later
             send.sent_on = 0
-            self._later(event.get("retry_after") or RESEND_AFTER)
+            self._after(event.get("retry_after") or RESEND_AFTER, lambda: self._spawn(self.flush()))
         elif event.get("client_msg_id"):
             self.problems.append(f"{self.name}: {event.get('client_msg_id')} refused: {event}")
 
