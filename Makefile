@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench profile lint format clean lock
+.PHONY: run test chaos bench profile lint format clean lock
 
 run: $(VENV)/.installed
 	$(BIN)/python server.py $(ARGS)
@@ -12,6 +12,13 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The delivery guarantee under a long storm of faults (tests/chaos.py; needs redis-server), a few
+# minutes: `make chaos SEED=42 SECONDS=300`. Without SEED a seed is drawn and printed.
+SEED    ?=
+SECONDS ?= 120
+chaos: $(VENV)/.installed-test
+	$(BIN)/python -m tests.chaos --seconds $(SECONDS) $(if $(SEED),--seed $(SEED)) $(CHAOS_ARGS)
 
 # Benchmarks: `make bench` runs them all; `make bench WORKLOADS=history` picks some.
 bench: $(VENV)/.installed-test
