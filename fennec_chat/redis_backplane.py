@@ -377,6 +377,12 @@ class RedisBackplane(RedisPresence, Backplane):
             for room in rooms:
                 seen_epoch = self._epochs.get(room)
                 state = await self.history.room_state(room)
+                if seen_epoch == state.epoch and state.last_id < self._last_ids.get(room, 0):
+                    # Redis came back with older data (a snapshot, a lagging replica): the ids
+                    # after its last one would be given again to other messages. Not the same
+                    # history any more: a new epoch, and clients start over.
+                    logger.error("Redis lost the newest messages of room %s: its history starts over", room)
+                    state = await self.history.new_epoch(room, state.epoch)
                 if seen_epoch is not None and seen_epoch != state.epoch:
                     reset.add(room)  # the store was wiped or replaced: clients start over
                     self._epochs[room] = state.epoch

@@ -17,7 +17,7 @@ from typing import Any
 from . import metrics
 from .history import History, RoomState, Stored
 from .protocol import encode
-from .redis_scripts import APPEND, ROOM_STATE, RedisKeys
+from .redis_scripts import APPEND, NEW_EPOCH, ROOM_STATE, RedisKeys
 from .settings import Settings
 
 # Queue one command on the backplane's ordered pipeline; the future gets its reply.
@@ -70,6 +70,13 @@ class RedisHistory(History):
         """The room's epoch (made, with its expiry, on first use) and its last message id."""
         keys = [self.keys.room(room, "last_id"), self.keys.room(room, "epoch")]
         epoch, last_id = await self.reader().eval(ROOM_STATE, 2, *keys, secrets.token_hex(8), self.ttl_ms)
+        return RoomState(epoch, int(last_id))
+
+    async def new_epoch(self, room: str, seen: str) -> RoomState:
+        """Start the room's history over under a new epoch, if it is still `seen` (the first
+        process to notice makes it; the others find it made)."""
+        keys = [self.keys.room(room, "last_id"), self.keys.room(room, "epoch")]
+        epoch, last_id = await self.reader().eval(NEW_EPOCH, 2, *keys, seen, secrets.token_hex(8))
         return RoomState(epoch, int(last_id))
 
     async def messages(self, room: str, after_id: int, limit: int) -> list[dict[str, Any]]:

@@ -76,6 +76,15 @@ end
 return {redis.call('GET', KEYS[2]), tonumber(redis.call('GET', KEYS[1]) or '0')}
 """
 
+# The room's history went back in time (Redis restarted from older data): a new epoch, unless
+# another process made one first. KEYS: last_id, epoch; ARGV: the epoch seen, a new one.
+NEW_EPOCH = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2], 'KEEPTTL')
+end
+return {redis.call('GET', KEYS[2]), tonumber(redis.call('GET', KEYS[1]) or '0')}
+"""
+
 # Rooms with members are a sorted set scored by their member count: the lobby reads the busiest
 # ones without looking at the others.
 JOIN = """

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from tests.chat_client import ChatClient
+from tests.redis_process import RedisProcess
 from tests.server_process import ROOT, ServerProcess, worker_pids
 
 ROOM_EVENTS = {"message", "typing", "username_changed", "user_joined", "user_left"}
@@ -411,3 +412,39 @@ async def test_the_lobby_of_two_processes_lists_the_busiest_rooms_of_both(two_se
     assert event["total_rooms"] >= 2
     for client in [*here, *there, lobby]:
         await client.close()
+
+
+async def test_a_redis_back_with_older_data_starts_the_rooms_history_over(start_server, tmp_path, room):
+    """Redis restarted from a snapshot older than what it acknowledged (no AOF, a lagging
+    replica): the same epoch, but ids a client has seen are about to be given again. The room
+    gets a new epoch, and its members a `history` with `reset: true`, never an old id with new
+    words."""
+    snapshotting = RedisProcess(tmp_path / "redis").start(persistent=False)
+    try:
+        server = start_server("--redis-url", snapshotting.url, "--redis-heartbeat", "0.5")
+        alice = await server.connect(f"/ws/chat/{room}?username=alice")
+        await alice.joined()
+        epoch = alice.history["epoch"]
+        for number in range(1, 6):
+            await alice.send(type="message", message=f"m{number}")
+            assert (await alice.wait_for("message"))["id"] == number
+            if number == 3:
+                snapshotting.client().save()  # what Redis will come back with: ids 1..3
+        snapshotting.process.send_signal(signal.SIGKILL)
+        snapshotting.process.wait()
+        await alice.wait_for("error", code="backplane_unavailable")
+        snapshotting.start(persistent=False)
+        fresh = await alice.wait_for("history", timeout=20)
+        assert fresh["reset"] is True
+        assert fresh["epoch"] != epoch
+        assert [m["message"] for m in fresh["messages"]] == ["m1", "m2", "m3"]
+        await alice.send(type="message", message="after")
+        assert (await alice.wait_for("message", message="after"))["id"] == 4  # in the new epoch
+        late = await server.connect(f"/ws/chat/{room}?username=late&since=5&epoch={epoch}")
+        await late.joined()
+        assert late.history["reset"] is True
+        server.assert_no_errors_but("lost Redis", "lost the newest messages")
+        for client in (alice, late):
+            await client.close()
+    finally:
+        snapshotting.stop()
