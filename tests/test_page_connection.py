@@ -156,6 +156,50 @@ async def test_a_message_sent_but_never_confirmed_before_a_reload_shows_once(bro
     await alice.close()
 
 
+async def test_a_message_the_history_could_not_store_is_sent_again(browser, server, room):
+    """`history_unavailable` with its client_msg_id: nobody got it, so the page sends it again;
+    one without (a history that could not be read) fails no message."""
+    refused, forwarded = [], []
+
+    def route(page_side) -> None:
+        server_side = page_side.connect_to_server()
+
+        def from_page(message) -> None:
+            frame = json.loads(message)
+            if frame.get("type") == "message" and not refused:
+                refused.append(frame)
+                error = {
+                    "type": "error",
+                    "code": "history_unavailable",
+                    "timestamp": "2026-01-01T00:00:00+00:00",
+                }
+                page_side.send(json.dumps(error | {"message": "history could not be read"}))
+                page_side.send(
+                    json.dumps(
+                        error
+                        | {
+                            "message": "the message could not be stored",
+                            "client_msg_id": frame["client_msg_id"],
+                        }
+                    )
+                )
+                return
+            forwarded.append(frame)
+            server_side.send(message)
+
+        page_side.on_message(from_page)
+
+    alice = await ChatPage.open(browser, page_url(server, room), name="Alice", route=route)
+    bob = await ChatPage.open(browser, page_url(server, room), name="Bob")
+    await alice.say("stored the second time")
+    await expect(bob.message_with("stored the second time")).to_have_count(1, timeout=10_000)
+    await expect(alice.message_with("stored the second time")).not_to_have_class(re.compile("pending|failed"))
+    assert len(refused) == 1
+    assert [f.get("client_msg_id") for f in forwarded].count(refused[0]["client_msg_id"]) == 1  # sent again
+    await bob.close()
+    await alice.close()
+
+
 # --- 2. Back promptly when the server is back -------------------------------------------------
 
 
