@@ -10,7 +10,6 @@ import enum
 import heapq
 import logging
 import secrets
-import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from time import perf_counter
@@ -30,12 +29,12 @@ from .lobby import LOBBY_ROOMS, Lobby, room_list
 from .outbox import Outbox
 from .protocol import CloseCode, ErrorCode, default_username
 from .room_history import RoomHistory
+from .room_moderation import Moderation, RoomModeration
 from .settings import Settings
 
 logger = logging.getLogger("fennec_chat")
 
 NO_CLOSE_FRAME = 1006  # what RFC 6455 calls a connection that ended without a close frame
-Moderation = protocol.Kick | protocol.Unban | protocol.DeleteMessage  # what only admins may do
 HELD_PER_OUTBOX_LIMIT = 8  # room events held for a newcomer, in outbox limits (2,048 by default)
 
 
@@ -81,6 +80,7 @@ class ChatManager(FanOutManager):
         self.lobby = Lobby(settings.lobby_interval, self._room_list, self._deliver)
         self.backplane: Backplane = LocalBackplane(history=None)  # replaced by start()
         self.room_history = RoomHistory(self)
+        self.room_moderation = RoomModeration(self)
         self._awaiting_close_frame: dict[str, Outbox] = {}  # dropped by the server, close frame on its way
         self._away: dict[str, tuple[Away, asyncio.TimerHandle]] = {}  # client_id → its grace, held here
         self._counting_rooms: asyncio.Task | None = None  # for --metrics-port
@@ -331,47 +331,9 @@ class ChatManager(FanOutManager):
     # --- Moderation ---------------------------------------------------------------------------
 
     async def moderate(self, room: str, command: Moderation, by: str) -> protocol.Rejection | None:
-        """An admin's command (the caller checked): what went wrong, if anything."""
-        if isinstance(command, protocol.Kick):
-            return await self.kick(room, command.client_id, by)
-        if isinstance(command, protocol.Unban):
-            return await self.unban(room, command.username, by)
-        return await self.delete_message(room, command.message_id)
-
-    async def kick(self, room: str, target: str, by: str) -> protocol.Rejection | None:
-        """Remove a client from the room, on whichever process it is: the room gets a system
-        line, the client a close frame (4001, "kicked"), and then its user_left. Its name (a
-        token's, since only admins kick and admins need tokens) may not come back for
-        --kick-ban seconds: banned first, so that an instant reconnection finds the ban."""
-        members = {user["client_id"]: user for user in await self.members(room)}
-        if target not in members:
-            return protocol.Rejection(ErrorCode.NOT_FOUND, "nobody with that client_id is in this room")
-        name = members[target]["username"]
-        if self.settings.kick_ban:
-            await self.backplane.bans.ban(room, name, time.time() + self.settings.kick_ban)
-        notice = protocol.encode(protocol.kicked(name, target, by))
-        self.backplane.publish(RoomEvent(room, notice, kick=target))
-        # Away (a reload, on any process): its grace ends now, and a return will be a new join.
-        left = protocol.encode(protocol.user_left(name, target))
-        self.backplane.end_grace(room, target, "", left)
-        return None
-
-    async def unban(self, room: str, username: str, by: str) -> protocol.Rejection | None:
-        """Let a kicked user back before its ban ends; the room hears who did."""
-        if not await self.backplane.bans.unban(room, username):
-            return protocol.Rejection(ErrorCode.NOT_FOUND, f"{username} is not banned from this room")
-        self.backplane.publish(RoomEvent(room, protocol.encode(protocol.unbanned(username, by))))
-        return None
-
-    async def delete_message(self, room: str, message_id: int) -> protocol.Rejection | None:
-        """Remove a message from the history (no newcomer or resume sees it again) and tell the
-        room, whose pages take it off the screen."""
-        if self.history is None:
-            return protocol.Rejection(ErrorCode.HISTORY_UNAVAILABLE, "this server keeps no history")
-        if not await self.history.delete(room, message_id):
-            return protocol.Rejection(ErrorCode.NOT_FOUND, "no message with that id in this room")
-        self.backplane.publish(RoomEvent(room, protocol.encode(protocol.message_deleted(room, message_id))))
-        return None
+        """An admin's kick, unban or deletion (the caller checked the role; room_moderation.py):
+        what went wrong, if anything."""
+        return await self.room_moderation.apply(room, command, by)
 
     async def close(self, client_id: str, code: int, reason: str) -> None:
         """Close a client's socket (after what is already queued for it) and forget it."""
