@@ -18,9 +18,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from .backplane import BackplaneUnavailable, Member, RoomList, Seats
+from .backplane import BackplaneUnavailable, Member, RoomEvent, RoomList, Seats
 from .leave_grace import Away
-from .protocol import now
+from .protocol import encode, now, user_joined
 from .redis_scripts import (
     AWAY,
     COME_BACK,
@@ -54,6 +54,7 @@ class RedisPresence:
     _send: Callable[..., Any]
     _subscribe: Callable[[str], None]
     _unsubscribe: Callable[[str], None]
+    publish: Callable[[RoomEvent], None]
 
     def _init_presence(self) -> None:
         self._local: dict[str, dict[str, str]] = {}  # room → {client_id: name} on this process
@@ -229,7 +230,8 @@ class RedisPresence:
     async def _after_a_silence(self) -> None:
         """Our heartbeat expired while we were alive (a pause of 3 heartbeats: an overloaded
         machine). If another process took us for dead meanwhile, it removed our members (their
-        rooms heard them leave): list them again, so presence and the lobby are right."""
+        rooms heard them leave): list them again, so presence and the lobby are right, and
+        tell their rooms they are back (as a join: they heard a leave)."""
         if self._local and not await self._redis.exists(self._mine("members")):
             logger.error(
                 "this process was silent for over %g s and the others took it for dead: its members "
@@ -237,6 +239,9 @@ class RedisPresence:
                 3 * self.settings.redis_heartbeat,
             )
             self._announce_again()
+            for room, members in self._local.items():
+                for client_id, username in members.items():
+                    self.publish(RoomEvent(room, encode(user_joined(username, client_id)), exclude=client_id))
 
     async def _reap_forever(self) -> None:
         while True:

@@ -164,12 +164,13 @@ async def test_the_users_of_a_killed_process_leave_within_30_seconds(start_serve
 async def test_a_process_taken_for_dead_after_a_long_pause_lists_its_members_again(two_servers, room):
     """A process stalled for longer than three heartbeats (an overloaded machine) is reaped by
     the others: its members' rooms hear them leave. When it resumes, it finds its heartbeat
-    expired and its members gone, and lists them again; their sockets never closed."""
+    expired and its members gone, lists them again and their rooms hear them join; their
+    sockets never closed."""
     one, two = two_servers
     watcher = await one.connect(f"/ws/chat/{room}?username=watcher")
     await watcher.joined()
     stalled = await two.connect(f"/ws/chat/{room}?username=stalled")
-    await stalled.joined()
+    stalled_id, _ = await stalled.joined()
     await watcher.wait_for("user_joined", username="stalled")
 
     two.process.send_signal(signal.SIGSTOP)
@@ -188,9 +189,11 @@ async def test_a_process_taken_for_dead_after_a_long_pause_lists_its_members_aga
             await asyncio.sleep(0.2)
 
     await asyncio.wait_for(listed_again(), 10)
+    back = await watcher.wait_for("user_joined", username="stalled", timeout=10)  # it heard the leave
     assert "took it for dead" in two.log()
     await stalled.send(type="message", message="still here")
     assert (await watcher.wait_for("message"))["message"] == "still here"
+    assert back["client_id"] == stalled_id
     await watcher.close()
     await stalled.close()
 
