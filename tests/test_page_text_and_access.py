@@ -291,6 +291,17 @@ async def test_going_to_a_typed_room_by_keyboard_focuses_the_composer(browser, s
     await alice.close()
 
 
+async def test_focus_stays_on_a_room_button_when_the_room_list_changes(browser, server, room):
+    alice = await ChatPage.open(browser, page_url(server, room))
+    await alice.page.locator(f'#room-list button[data-room="{room}"]').focus()
+    elsewhere = await server.connect(f"/ws/chat/{room}-elsewhere")  # the list changes under it
+    await elsewhere.joined()
+    await expect(alice.page.locator(f'#room-list button[data-room="{room}-elsewhere"]')).to_have_count(1)
+    await expect(alice.page.locator(f'#room-list button[data-room="{room}"]')).to_be_focused()
+    await elsewhere.close()
+    await alice.close()
+
+
 async def test_the_phone_drawer_traps_focus_and_does_not_focus_a_text_field(browser, server, room):
     alice = await ChatPage.open(browser, page_url(server, room), width=PHONE, has_touch=True)
     page = alice.page
