@@ -11,31 +11,11 @@ import itertools
 import threading
 import time
 
-from fennec_chat.backplane import RoomEvent
 from fennec_chat.redis_backplane import RedisBackplane
 from fennec_chat.settings import Settings
+from tests.test_concurrency_core import Recorder
 
 ROUNDS = 100
-
-
-class Heard:
-    """A listener that keeps the message ids the backplane delivers."""
-
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-
-    def deliver_room_event(self, event: RoomEvent) -> None:
-        if event.message_id is not None:
-            self.ids.append(event.message_id)
-
-    def lobby_changed(self) -> None:
-        pass
-
-    def backplane_lost(self) -> None:
-        pass
-
-    async def backplane_back(self, rooms: set[str], reset_rooms: set[str]) -> None:
-        pass
 
 
 def chatter_in_another_process(settings: Settings, room: str, stop: threading.Event) -> threading.Thread:
@@ -44,7 +24,7 @@ def chatter_in_another_process(settings: Settings, room: str, stop: threading.Ev
 
     async def talk() -> None:
         talker = RedisBackplane(settings)
-        await talker.start(Heard())
+        await talker.start(Recorder())
         try:
             number = 0
             while not stop.is_set():
@@ -67,7 +47,7 @@ async def test_a_room_left_and_joined_again_at_once_hears_its_messages_without_a
     room = "busy"
     stop = threading.Event()
     talker = chatter_in_another_process(settings, room, stop)
-    heard = Heard()
+    heard = Recorder()  # the room events the backplane hands over, in order
     here = RedisBackplane(settings)
     await here.start(heard)
     gaps: list[tuple[int, list[int]]] = []
@@ -80,10 +60,10 @@ async def test_a_room_left_and_joined_again_at_once_hears_its_messages_without_a
             time.sleep(0.003)  # noqa: ASYNC251 - a busy loop, on purpose: the room's messages pile up unread
             here.leave(room, "bob", last_here=True)
             here.join(room, "bob", "bob", first_here=True)  # a newcomer, at once
-            heard.ids = []
+            heard.events = []
             await here.ready(room)
             await asyncio.sleep(0.01)
-            ids = heard.ids
+            ids = [event.message_id for event in heard.events if event.message_id is not None]
             if ids:
                 rounds_that_heard_something += 1
                 if before_a_gap := [a for a, b in itertools.pairwise(ids) if b != a + 1]:
