@@ -25,10 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 try:
-    import redis.asyncio as redis
-    from redis.backoff import NoBackoff
     from redis.exceptions import RedisError
-    from redis.retry import Retry
 except ImportError as missing:  # pragma: no cover - depends on the installation
     raise RuntimeError("--redis-url needs redis-py: pip install 'fennec-chat[redis]'") from missing
 
@@ -38,6 +35,7 @@ from .bans import RedisBans
 from .fennec_fixes import StartupError
 from .history import Stored
 from .protocol import encode
+from .redis_connections import UNAVAILABLE, Connections
 from .redis_history import RedisHistory
 from .redis_presence import RedisPresence
 from .redis_scripts import RedisKeys
@@ -45,16 +43,14 @@ from .settings import Settings
 
 logger = logging.getLogger("fennec_chat")
 
-REDIS_OPTIONS: dict[str, Any] = {"decode_responses": True, "socket_connect_timeout": 2, "socket_timeout": 5}
-READ_CONNECTIONS = 32  # at most, for the reads of one process; commands queue for a free one
-
 
 class RedisBackplane(RedisPresence, Backplane):
     presence_outlives_process = True  # a stopped process's members can be continued elsewhere
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.keys = RedisKeys(settings.redis_prefix)
+        self.connections = Connections(settings.redis_url)  # one server, or a cluster (by URL)
+        self.keys = RedisKeys(settings.redis_prefix, cluster=self.connections.cluster)
         self.process_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.history = (
             RedisHistory(settings, self.keys, self._send, lambda: self._redis) if settings.history else None
@@ -88,18 +84,12 @@ class RedisBackplane(RedisPresence, Backplane):
     async def start(self, listener: Listener) -> None:
         self._listener = listener
         url = self.settings.redis_url
-        # Reads (presence, history, the lobby) share a bounded pool; a crowd joining at once
-        # waits for a free connection rather than failing: redis-py's own pool raises
-        # "Too many connections" past 100 commands in flight.
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=READ_CONNECTIONS, timeout=REDIS_OPTIONS["socket_timeout"], **REDIS_OPTIONS
-        )
-        self._redis = redis.Redis(connection_pool=pool)
-        self._writer = self._new_writer()
-        self._beats = self._new_writer()
+        self._redis = self.connections.reads  # presence, history, the lobby: a bounded pool
         try:
             await self._redis.ping()
-        except (RedisError, OSError) as error:
+            self._writer = self.connections.own()  # publishes, in order
+            self._beats = self.connections.own()  # the heartbeat, never held up by a crowd
+        except UNAVAILABLE as error:
             raise StartupError(f"cannot reach Redis at {url} (--redis-url): {error}") from error
         self._connected = True
         await self._heartbeat_once()
@@ -113,24 +103,17 @@ class RedisBackplane(RedisPresence, Backplane):
 
     async def close(self) -> None:
         if self.settings.max_connections_per_ip:
-            self._send(self._restate_seats(leaving=True))  # the others will not reap us
+            await self._restate_seats(leaving=True)  # the others will not reap us
         await self._flush()
         for task in [*self._tasks, *self._chores]:
             task.cancel()
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*UNAVAILABLE):
             # Still listed: the others reap what is left (members kept away when uvicorn closed
             # their sockets, 1012), once each one's grace ends, unless its tab is back first.
             await self._redis.delete(self._mine("alive"))
         for client in (self._redis, self._writer, self._beats):
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*UNAVAILABLE):
                 await client.aclose()
-
-    def _new_writer(self) -> Any:
-        """A connection of its own: the one that publishes, in order, or the heartbeat's. It
-        never retries on its own: a failed publish is reported to its sender, who may send
-        again (client_msg_id makes that safe), while a silent retry could duplicate."""
-        options = {**REDIS_OPTIONS, "retry": Retry(NoBackoff(), 0), "single_connection_client": True}
-        return redis.from_url(self.settings.redis_url, **options)
 
     async def _flush(self, timeout: float = 3) -> None:
         """Wait (a little) for queued commands to go out."""
@@ -171,7 +154,7 @@ class RedisBackplane(RedisPresence, Backplane):
                     started = time.perf_counter()
                     replies = await pipe.execute(raise_on_error=False)
                     metrics.backplane_publish_seconds.observe(time.perf_counter() - started)
-                except (RedisError, OSError) as error:
+                except UNAVAILABLE as error:
                     self._lost(error)
                     for _, future in batch:
                         if future is not None and not future.done():
@@ -190,8 +173,8 @@ class RedisBackplane(RedisPresence, Backplane):
     def publish(self, event: RoomEvent) -> None:
         # One header line (message id, exclude, kick: tab-separated), then the event.
         payload = f"\t{event.exclude or ''}\t{event.kick or ''}\n{event.text}"
-        channel = self.keys.room(event.room, "events")
-        self._send(lambda pipe: pipe.publish(channel, payload))
+        channel, command = self.keys.room(event.room, "events"), self.keys.publish
+        self._send(lambda pipe: pipe.execute_command(command, channel, payload))
 
     def publish_message(self, room: str, event: dict[str, Any], sender: str) -> asyncio.Future[Stored]:
         if self.history is None:
@@ -239,7 +222,7 @@ class RedisBackplane(RedisPresence, Backplane):
                 continue  # Redis is away; the listener subscribes to every room when it is back
             if command == "subscribe":
                 self._unconfirmed[room] += 1
-            with contextlib.suppress(RedisError, OSError):  # the listener notices a lost connection
+            with contextlib.suppress(*UNAVAILABLE):  # the listener notices a lost connection
                 await getattr(self._pubsub, command)(self.keys.room(room, "events"))
 
     async def _note_position(self, room: str) -> None:
@@ -247,7 +230,7 @@ class RedisBackplane(RedisPresence, Backplane):
         away for a while, this process catches up from there."""
         if self.history is None:
             return
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*UNAVAILABLE):
             state = await self.history.room_state(room)
             if room in self._ready:  # still here
                 self._epochs.setdefault(room, state.epoch)
@@ -257,7 +240,7 @@ class RedisBackplane(RedisPresence, Backplane):
         delay = 0.5
         first = True
         while True:
-            pubsub = self._redis.pubsub()
+            pubsub = self.connections.subscriber()
             try:
                 rooms = list(self._ready)
                 channels = [self.keys.lobby, *(self.keys.room(room, "events") for room in rooms)]
@@ -280,11 +263,10 @@ class RedisBackplane(RedisPresence, Backplane):
                 raise RedisError("publishing failed")
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as error:
+            except UNAVAILABLE as error:
                 self._pubsub = None
                 self._lost(error)
-                with contextlib.suppress(Exception):  # connections to a Redis that went away are stale
-                    await self._redis.connection_pool.disconnect()
+                await self.connections.forget_stale()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
             finally:
@@ -363,10 +345,10 @@ class RedisBackplane(RedisPresence, Backplane):
         """Back in touch with Redis: re-announce ourselves, then deliver what we missed."""
         assert self._listener is not None
         for old in (self._writer, self._beats):
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*UNAVAILABLE):
                 await old.aclose()
-        self._writer = self._new_writer()  # the old connections died with the old Redis
-        self._beats = self._new_writer()
+        self._writer = self.connections.own()  # the old connections died with the old Redis
+        self._beats = self.connections.own()
         await self._heartbeat_once()
         self._connected = True
         self._spare_the_others()

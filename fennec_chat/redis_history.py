@@ -47,7 +47,8 @@ class RedisHistory(History):
         client_msg_id = event.get("client_msg_id")
         dedupe_key = f"{sender}:{client_msg_id}" if client_msg_id else ""
         args = [encode(event), dedupe_key, self.retention, secrets.token_hex(8), self.ttl_ms]
-        reply = self.send(lambda pipe: pipe.eval(APPEND, len(keys), *keys, *args), want_result=True)
+        script = self.keys.script(APPEND)
+        reply = self.send(lambda pipe: pipe.eval(script, len(keys), *keys, *args), want_result=True)
         assert reply is not None
         stored: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
         started = time.perf_counter()

@@ -9,32 +9,50 @@ from __future__ import annotations
 
 
 class RedisKeys:
-    """Every key and channel, under one prefix (`--redis-prefix`)."""
+    """Every key and channel, under one prefix (`--redis-prefix`).
 
-    def __init__(self, prefix: str) -> None:
+    On a Redis Cluster a script may only touch the keys of one hash slot, and a sharded channel
+    lives on its slot's shard: so each room's keys and channel share the hash tag `{room}`, a
+    process's keys `{process}`, an address's seats `{address}`, and the lobby's keys and channel
+    `{lobby}`. On one server the names stay as they always were (no tags): its data carries over.
+    """
+
+    def __init__(self, prefix: str, cluster: bool = False) -> None:
         self.prefix = prefix
-        self.lobby = f"{prefix}lobby"  # channel: rooms or members changed somewhere
-        self.rooms = f"{prefix}busy_rooms"  # sorted set: room → members, on every process
-        self.processes = f"{prefix}processes"  # set of the processes that heartbeat
+        self.cluster = cluster
+        lobby = f"{prefix}{{lobby}}:" if cluster else prefix
+        self.lobby = f"{lobby}lobby"  # channel: rooms or members changed somewhere
+        self.rooms = f"{lobby}busy_rooms"  # sorted set: room → members, on every process
+        self.processes = f"{lobby}processes"  # set of the processes that heartbeat
+        # Room events on a cluster go by sharded pub/sub: only the room's shard carries them.
+        self.publish = "SPUBLISH" if cluster else "PUBLISH"
+
+    def _tag(self, name: str) -> str:
+        return f"{{{name}}}" if self.cluster else name
 
     def room(self, room: str, what: str) -> str:
         """`events` (channel), `members` (hash), `away` (hash: session digest → client_id),
-        `stream`, `last_id`, `epoch`, `client_msg_ids`."""
-        return f"{self.prefix}room:{room}:{what}"
+        `stream`, `last_id`, `epoch`, `client_msg_ids`, `ban:<username>`."""
+        return f"{self.prefix}room:{self._tag(room)}:{what}"
 
     def process(self, process_id: str, what: str) -> str:
         """`alive` (heartbeat), `members` (its room|client entries), `seats` (its addresses)."""
-        return f"{self.prefix}process:{process_id}:{what}"
+        return f"{self.prefix}process:{self._tag(process_id)}:{what}"
 
     def seats(self, address: str) -> str:
-        return f"{self.prefix}seats:{address}"  # hash: process → sockets from `address`
+        return f"{self.prefix}seats:{self._tag(address)}"  # hash: process → sockets from `address`
 
     def room_of(self, channel: str) -> str | None:
         """The room whose events channel this is, or None."""
         start, end = f"{self.prefix}room:", ":events"
-        if channel.startswith(start) and channel.endswith(end):
-            return channel[len(start) : -len(end)]
-        return None
+        if not (channel.startswith(start) and channel.endswith(end)):
+            return None
+        room = channel[len(start) : -len(end)]
+        return room[1:-1] if self.cluster else room
+
+    def script(self, text: str) -> str:
+        """A script that publishes with PUBLISH or SPUBLISH, whichever this Redis uses."""
+        return f"local PUBLISH = '{self.publish}'\n{text}"
 
 
 # Number, store and publish one message. A client_msg_id its sender used before returns the
@@ -62,7 +80,7 @@ end
 if ttl > 0 then
   for _, key in ipairs({stream, last_id, epoch, client_msg_ids}) do redis.call('PEXPIRE', key, ttl) end
 end
-redis.call('PUBLISH', channel, id .. '\\t\\n' .. text)
+redis.call(PUBLISH, channel, id .. '\\t\\n' .. text)
 return {0, text}
 """
 
@@ -85,21 +103,25 @@ end
 return {redis.call('GET', KEYS[2]), tonumber(redis.call('GET', KEYS[1]) or '0')}
 """
 
-# Rooms with members are a sorted set scored by their member count: the lobby reads the busiest
-# ones without looking at the others.
-JOIN = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], redis.call('HLEN', KEYS[1]), ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[3] .. '|' .. ARGV[1])
-redis.call('PUBLISH', KEYS[4], '')
+# The room list (the lobby's): rooms with members, scored by their member count, so that the
+# lobby reads the busiest without looking at the others. A room's members live in the room's
+# slot, the list in the lobby's, so each change of a room's members comes here as a difference:
+# additions commute, so two processes' changes may arrive in either order. Then every process
+# hears that the lobby changed. KEYS: busy_rooms; ARGV: room, change, the lobby channel.
+LOBBY = """
+local change = tonumber(ARGV[2])
+if change ~= 0 and tonumber(redis.call('ZINCRBY', KEYS[1], change, ARGV[1])) <= 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+redis.call(PUBLISH, ARGV[3], '')
 """
 
-LEAVE = """
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[2] .. '|' .. ARGV[1])
-local left = redis.call('HLEN', KEYS[1])
-if left == 0 then redis.call('ZREM', KEYS[2], ARGV[2]) else redis.call('ZADD', KEYS[2], left, ARGV[2]) end
-redis.call('PUBLISH', KEYS[4], '')
+# A listed room found without members (a change lost with a failed shard): unlisted, unless its
+# count moved since it was read (a join on its way). KEYS: busy_rooms; ARGV: room, count read.
+UNLIST_EMPTY = """
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1])) == tonumber(ARGV[2]) then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
 """
 
 # Seats: the sockets each process holds for one client address (a hash: process → count).
@@ -108,36 +130,17 @@ local cap, total = tonumber(ARGV[2]), 0
 for _, count in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(count) end
 if cap > 0 and total >= cap then return 0 end
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-redis.call('SADD', KEYS[2], ARGV[3])
 return 1
 """
 
-# What this process holds, said anew: its old counts go (some releases may have been lost while
-# Redis was away), the ones given (address, count, address, count, ...) are set.
-RESTATE_SEATS = """
-local mine, process, prefix = KEYS[1], ARGV[1], ARGV[2]
-for _, address in ipairs(redis.call('SMEMBERS', mine)) do
-  redis.call('HDEL', prefix .. 'seats:' .. address, process)
-end
-redis.call('DEL', mine)
-for i = 3, #ARGV, 2 do
-  redis.call('HSET', prefix .. 'seats:' .. ARGV[i], process, ARGV[i + 1])
-  redis.call('SADD', mine, ARGV[i])
-end
-"""
-
 RELEASE_SEAT = """
-if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('SREM', KEYS[2], ARGV[2])
-end
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 """
 
 RENAME = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('PUBLISH', KEYS[2], '')
-end
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
 """
 
 # Away members (leave_grace.py) stay in the members hash, their entry saying since when they are
@@ -162,11 +165,12 @@ redis.call('HSET', KEYS[2], entry['session'], ARGV[1])
 
 # A returning tab takes its away entry over: only with the same session, name and token user,
 # before the entry's grace ends, and only once (two returns: the second finds nothing).
+# Returns the client_id and the process that held it. KEYS: members, away.
 COME_BACK = (
     NOW_MS
     + """
-local members, away, mine, lobby = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local session, name, identity, process, room, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local members, away = KEYS[1], KEYS[2]
+local session, name, identity, process = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local client_id = redis.call('HGET', away, session)
 if not client_id then return false end
 local raw = redis.call('HGET', members, client_id)
@@ -176,81 +180,74 @@ if name == '' then name = 'User-' .. string.sub(client_id, 1, 8) end
 if entry['away'] == nil or entry['session'] ~= session or entry['username'] ~= name
    or entry['identity'] ~= identity or entry['until'] <= now_ms() then return false end
 redis.call('HDEL', away, session)
-redis.call('SREM', prefix .. 'process:' .. entry['process'] .. ':members', room .. '|' .. client_id)
 redis.call('HSET', members, client_id, cjson.encode({username = name, process = process}))
-redis.call('SADD', mine, room .. '|' .. client_id)
-redis.call('PUBLISH', lobby, '')
-return client_id
+return {client_id, entry['process']}
 """
 )
 
-# The absence `mark` ("": any) ends: the member leaves its room, and the room hears it, once.
+# An away member leaves its room, and the room hears it, once.
 LEAVE_AWAY = """
-local function leave_away(prefix, room, client_id, entry, left)
-  local members = prefix .. 'room:' .. room .. ':members'
+local function leave_away(members, away, channel, client_id, entry, left)
   redis.call('HDEL', members, client_id)
-  local away = prefix .. 'room:' .. room .. ':away'
   if entry['session'] and redis.call('HGET', away, entry['session']) == client_id then
     redis.call('HDEL', away, entry['session'])
   end
-  redis.call('SREM', prefix .. 'process:' .. entry['process'] .. ':members', room .. '|' .. client_id)
-  local count = redis.call('HLEN', members)
-  local rooms = prefix .. 'busy_rooms'
-  if count == 0 then redis.call('ZREM', rooms, room) else redis.call('ZADD', rooms, count, room) end
-  redis.call('PUBLISH', prefix .. 'room:' .. room .. ':events', '\\t\\n' .. left)
+  redis.call(PUBLISH, channel, '\\t\\n' .. left)
 end
 """
 
+# The absence `mark` ("": any) ends. Returns the process that held the member, or false.
+# KEYS: members, away; ARGV: the room's events channel, client_id, mark, the user_left event.
 END_GRACE = (
     LEAVE_AWAY
     + """
-local prefix, room, client_id, mark, left = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local channel, client_id, mark, left = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local raw = redis.call('HGET', KEYS[1], client_id)
-if not raw then return 0 end
+if not raw then return false end
 local entry = cjson.decode(raw)
-if entry['away'] == nil or (mark ~= '' and entry['away'] ~= mark) then return 0 end
-leave_away(prefix, room, client_id, entry, left)
-redis.call('PUBLISH', KEYS[2], '')
-return 1
+if entry['away'] == nil or (mark ~= '' and entry['away'] ~= mark) then return false end
+leave_away(KEYS[1], KEYS[2], channel, client_id, entry, left)
+return entry['process']
 """
 )
 
-# Remove a dead process's clients from their rooms and tell each room they left; an away one
-# stays until its grace ends (a later run takes it), so that its tab may still come back.
-REAP = (
+# A dead process's clients in one room leave it, and the room hears each leave once (two
+# processes reaping at once: the second finds them gone). An away one stays until its grace
+# ends (a later reap takes it), so that its tab may still come back. Returns, per client:
+# 0 left, 1 kept (away), 2 no longer the dead process's. KEYS: members, away;
+# ARGV: the room's events channel, the dead process, the timestamp, then the client_ids.
+REAP_ROOM = (
     NOW_MS
     + LEAVE_AWAY
     + """
-local processes, members_of_dead, alive, lobby = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local dead, timestamp, prefix = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('EXISTS', alive) == 1 then return -1 end
-local now, removed, kept = now_ms(), 0, 0
-for _, listed in ipairs(redis.call('SMEMBERS', members_of_dead)) do
-  local bar = string.find(listed, '|', 1, true)
-  local room, client_id = string.sub(listed, 1, bar - 1), string.sub(listed, bar + 1)
-  local raw = redis.call('HGET', prefix .. 'room:' .. room .. ':members', client_id)
+local channel, dead, timestamp = ARGV[1], ARGV[2], ARGV[3]
+local now, outcome = now_ms(), {}
+for i = 4, #ARGV do
+  local client_id = ARGV[i]
+  local raw = redis.call('HGET', KEYS[1], client_id)
   local entry = raw and cjson.decode(raw)
-  if entry and entry['process'] == dead and entry['away'] ~= nil and entry['until'] > now then
-    kept = kept + 1
-  elseif entry and entry['process'] == dead then
+  if not entry or entry['process'] ~= dead then
+    outcome[#outcome + 1] = 2
+  elseif entry['away'] ~= nil and entry['until'] > now then
+    outcome[#outcome + 1] = 1
+  else
     local left = cjson.encode({type = 'user_left', username = entry['username'], client_id = client_id,
                                message = entry['username'] .. ' left the room', timestamp = timestamp})
-    leave_away(prefix, room, client_id, entry, left)
-    removed = removed + 1
-  else
-    redis.call('SREM', members_of_dead, listed)
+    leave_away(KEYS[1], KEYS[2], channel, client_id, entry, left)
+    outcome[#outcome + 1] = 0
   end
 end
-if kept == 0 then
-  redis.call('DEL', members_of_dead)
-  redis.call('SREM', processes, dead)
-end
-local seats_of_dead = prefix .. 'process:' .. dead .. ':seats'
-for _, address in ipairs(redis.call('SMEMBERS', seats_of_dead)) do
-  redis.call('HDEL', prefix .. 'seats:' .. address, dead)
-end
-redis.call('DEL', seats_of_dead)
-redis.call('PUBLISH', lobby, '')
-return removed
+return outcome
 """
 )
+
+# A reaper forgets what it took of a dead process, unless the process is alive again (only
+# paused: it lists its members anew). KEYS: alive, members, seats; ARGV: `entries` and the
+# room|client entries taken, `seats` (its seats), or `all` (its members and seats).
+FORGET = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[1] == 'all' then redis.call('DEL', KEYS[2], KEYS[3]) return 1 end
+if ARGV[1] == 'seats' then redis.call('DEL', KEYS[3]) return 1 end
+for i = 2, #ARGV do redis.call('SREM', KEYS[2], ARGV[i]) end
+return 1
+"""

@@ -92,7 +92,10 @@ class Settings:
         "new rooms one address (or token identity) may open per minute (0: no limit)",
     )
     redis_url: str = setting(
-        "", "REDIS_URL", "share rooms, presence and history with other processes through Redis (redis://...)"
+        "",
+        "REDIS_URL",
+        "share rooms, presence and history with other processes through Redis (redis://...), "
+        "or a Redis Cluster through any of its nodes (redis+cluster://host:port)",
     )
     redis_prefix: str = setting("fennec-chat:", "CHAT_REDIS_PREFIX", "prefix of every Redis key and channel")
     redis_heartbeat: float = setting(
@@ -279,6 +282,14 @@ class Settings:
             raise ValueError(f"ws_protocol must be 'fast' or 'stock', not {self.ws_protocol!r}")
         if self.redis_heartbeat <= 0:
             raise ValueError("redis_heartbeat must be positive")
+        scheme = self.redis_url.partition("://")[0].lower()
+        if self.redis_url and scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+            raise ValueError(
+                f"--redis-url must start with redis://, rediss://, unix:// or redis+cluster://, "
+                f"not {self.redis_url.partition('://')[0]!r}://"
+            )
+        if scheme.endswith("+cluster") and ("{" in self.redis_prefix or "}" in self.redis_prefix):
+            raise ValueError("--redis-prefix must not hold { or } on a Redis Cluster: they make hash tags")
         if self.workers > 1 and not self.redis_url:
             raise ValueError(
                 "--workers needs --redis-url: each worker is a separate process, and without Redis "
