@@ -9,6 +9,7 @@ import pytest
 from playwright.async_api import async_playwright
 
 from tests.browser import CHROMIUM_ARGS, chromium_path, optional_part_missing
+from tests.redis_cluster import RedisCluster
 from tests.redis_process import RedisProcess
 from tests.server_process import ServerProcess, log_path
 
@@ -104,3 +105,21 @@ def redis_server(tmp_path) -> Iterator[RedisProcess]:
     server = RedisProcess(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A real Redis Cluster, 3 masters + 3 replicas (tests/redis_cluster.py), shared by the tests:
+    each keeps to keys and channels of its own (a {hash tag} from the `room` fixture). Moving a
+    slot (migrate_slot) leaves it whole; a test that kills a node takes `fresh_redis_cluster`."""
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def fresh_redis_cluster(tmp_path) -> Iterator[RedisCluster]:
+    """A Redis Cluster of the test's own (about 2 s to start), for failovers and restarts."""
+    cluster = RedisCluster(tmp_path / "redis-cluster").start()
+    yield cluster
+    cluster.stop()
