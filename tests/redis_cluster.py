@@ -148,8 +148,15 @@ class RedisCluster:
     """
 
     def __init__(
-        self, directory: Path, masters: int = 3, replicas_per_master: int = 1, node_timeout_ms: int = 1000
+        self,
+        directory: Path,
+        masters: int = 3,
+        replicas_per_master: int = 1,
+        node_timeout_ms: int = 1000,
+        persistent: bool = True,
     ) -> None:
+        """Nodes in subdirectories of `directory`; with `persistent`, append-only files there
+        (a restarted node keeps its data), without (benchmarks) no persistence at all."""
         server, cli = redis_server_path(), redis_cli_path()
         if server is None or cli is None:
             optional_part_missing(
@@ -164,6 +171,7 @@ class RedisCluster:
         self.replicas_per_master = replicas_per_master
         self.node_timeout_ms = node_timeout_ms
         self.masters_at_start = masters
+        self.persistent = persistent
         used: set[int] = set()
         self.nodes: list[Node] = []
         for number in range(masters * (1 + replicas_per_master)):
@@ -193,6 +201,13 @@ class RedisCluster:
     def pids(self) -> list[int]:
         """The live redis-server processes (for their CPU time in /proc)."""
         return [node.process.pid for node in self.nodes if node.alive and node.process]
+
+    def pid(self, port: int) -> int:
+        """The process id of the node on `port` (for its CPU time in /proc)."""
+        process = self.node(port).process
+        if process is None:
+            raise ClusterError(f"the node on {port} was never started")
+        return process.pid
 
     def client(self) -> redis.cluster.RedisCluster:
         """A cluster-aware client: it follows MOVED/ASK and reloads the layout after a failover."""
@@ -387,7 +402,7 @@ class RedisCluster:
                 # A replica takes over however long its link was down: a test's cluster is
                 # stopped and restarted at will, and its data is never stale in a way that matters.
                 *("--cluster-replica-validity-factor", "0"),
-                *("--appendonly", "yes"),
+                *("--appendonly", "yes" if self.persistent else "no"),
                 *("--save", ""),
                 # Redis 7.0 waits 5 s by default before a diskless full sync to a new replica.
                 *("--repl-diskless-sync-delay", "0"),
