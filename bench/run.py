@@ -582,7 +582,8 @@ async def cluster_scale(args: argparse.Namespace) -> Report:
     title += f": {rooms} rooms of {CLUSTER_MEMBERS} (half on each process), {rate:g} msg/s for {seconds:g} s"
     report = Report(title)
     single = redis_server()
-    cluster = RedisCluster(Path(tempfile.mkdtemp(prefix="chat-bench-cluster-")), persistent=False)
+    cluster_directory = Path(tempfile.mkdtemp(prefix="chat-bench-cluster-"))
+    cluster = RedisCluster(cluster_directory, persistent=False)
     chat: list[Server] = []
     setups: list[RedisSetup] = []
     try:
@@ -620,6 +621,7 @@ async def cluster_scale(args: argparse.Namespace) -> Report:
         stop(chat)
         single.stop()
         cluster.stop()
+        shutil.rmtree(cluster_directory, ignore_errors=True)
 
     for name, rounds in results.items():
         report.rows.append(
