@@ -170,7 +170,6 @@ class RedisCluster:
         self.directory = directory
         self.replicas_per_master = replicas_per_master
         self.node_timeout_ms = node_timeout_ms
-        self.masters_at_start = masters
         self.persistent = persistent
         used: set[int] = set()
         self.nodes: list[Node] = []
@@ -253,6 +252,8 @@ class RedisCluster:
         """The port of a live replica of the master on `master_port`."""
         views = self.view()
         master_id = next((v.node_id for v in views.values() if v.port == master_port), None)
+        if master_id is None:
+            raise ClusterError(f"no node of the cluster is on {master_port}")
         for entry in views.values():
             if entry.master_id == master_id and not entry.failing and self.node(entry.port).alive:
                 return entry.port
@@ -311,8 +312,11 @@ class RedisCluster:
         node.process.wait(15)
 
         def promoted() -> str | None:
-            with self.node_client(replica) as client:
-                role = client.execute_command("ROLE")[0]
+            try:
+                with self.node_client(replica) as client:
+                    role = client.execute_command("ROLE")[0]
+            except redis.RedisError as error:
+                return f"the replica on {replica} did not answer: {error}"
             if role != "master":
                 return f"the replica on {replica} is still a {role}"
             return self._disagreement()
