@@ -259,3 +259,62 @@ async def close_code_of(ws: ClientConnection, timeout: float = 30) -> int | None
         return None
     received = ws.protocol.close_rcvd
     return received.code if received else None
+
+
+async def rooms_at_rate(
+    rooms: list[Room], rate: float, seconds: float, clocks: dict[str, Callable[[], float]]
+) -> dict:
+    """The rooms' first members send in turn, `rate` messages a second over all the rooms, for
+    `seconds`; every member (the sender too) must receive all of its room's. Reports deliveries
+    per second (from the first send to the last receipt), one-way latency percentiles, what is
+    `missing` if some never came (after a minute's wait), and the CPU seconds each of `clocks`
+    (e.g. the chat processes, the Redis processes) counted meanwhile."""
+    count = int(rate * seconds)
+    expected = [len(range(number, count, len(rooms))) for number in range(len(rooms))]
+    received = 0
+    samples: list[float] = []
+
+    async def read(ws: ClientConnection, wanted: int) -> None:
+        nonlocal received
+        got = 0
+        while got < wanted:
+            frame = await ws.recv()
+            at = frame.find(MARK + "t=")
+            if at == -1:
+                continue
+            samples.append(time.perf_counter() - float(frame[at + len(MARK) + 2 : frame.index(" ", at)]))
+            got += 1
+            received += 1
+
+    before = {name: clock() for name, clock in clocks.items()}
+    tasks = [
+        asyncio.create_task(read(ws, wanted))
+        for room, wanted in zip(rooms, expected, strict=True)
+        for ws in room.members
+    ]
+    start = time.perf_counter()
+    for number in range(count):
+        delay = start + number / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        room = rooms[number % len(rooms)]
+        text = f"{MARK}t={time.perf_counter():.6f} lorem ipsum dolor sit"
+        await room.members[0].send(message(room, number, text))
+    done, pending = await asyncio.wait(tasks, timeout=60)
+    elapsed = time.perf_counter() - start
+    for task in pending:
+        task.cancel()
+    for task in done:
+        task.result()  # a receiver's failure (a closed connection) is the run's
+    used = {name: clock() - before[name] for name, clock in clocks.items()}
+    samples.sort()
+    deliveries = sum(wanted * len(room.members) for room, wanted in zip(rooms, expected, strict=True))
+    return {
+        "messages": count,
+        "deliveries": received,
+        "missing": deliveries - received,
+        "deliveries_per_s": received / elapsed,
+        "p50_ms": statistics.median(samples) * 1000 if samples else float("nan"),
+        "p99_ms": samples[int(len(samples) * 0.99)] * 1000 if samples else float("nan"),
+        "cpu_seconds": used,
+    }

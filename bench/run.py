@@ -35,6 +35,7 @@ from bench.load import (
     fan_out_in_new_room,
     latency,
     open_room,
+    rooms_at_rate,
     sinks,
     stalled_member,
     wait_for_text,
@@ -508,6 +509,150 @@ async def redis_scale(args: argparse.Namespace) -> Report:
     return report
 
 
+# --- Redis Cluster -------------------------------------------------------------------------------
+#
+# Two chat processes on one Redis against two on a 3-master Redis Cluster (a replica each, as in
+# production), both without persistence: many rooms, each with members on both processes (so
+# every message crosses Redis), their senders on either, at a fixed total rate.
+
+CLUSTER_ROOMS = 40
+CLUSTER_MEMBERS = 6  # per room, alternately on each process
+CLUSTER_RATE = 400  # messages a second, over all the rooms
+CLUSTER_SECONDS = 5.0
+
+
+@dataclass
+class RedisSetup:
+    """Two chat processes and the Redis processes they share."""
+
+    name: str
+    chat: list[Server]
+    redis_pids: list[int]  # every redis-server process
+    master_pids: list[int]  # those that serve slots (all of them for a single Redis)
+
+
+async def rooms_across(setup: RedisSetup, rooms: int, rate: float, seconds: float) -> dict:
+    """`rooms_at_rate` in fresh rooms spread over the setup's two processes, closed afterwards."""
+    opened: list[Room] = []
+    try:
+        for first in range(0, rooms, 10):  # in batches: each room's opening broadcasts and waits
+            batch = [
+                # Half the rooms have their first member (the sender) on each process.
+                open_room(setup.chat if number % 2 == 0 else setup.chat[::-1], CLUSTER_MEMBERS)
+                for number in range(first, min(rooms, first + 10))
+            ]
+            opened += await asyncio.wait_for(asyncio.gather(*batch), 60)
+        clocks = {
+            "chat": lambda: sum(server.cpu_seconds() for server in setup.chat),
+            "redis": lambda: cpu_of(setup.redis_pids),
+            "masters": lambda: cpu_of(setup.master_pids),
+        }
+        result = await rooms_at_rate(opened, rate, seconds, clocks)
+    finally:
+        await asyncio.gather(*(room.close() for room in opened))
+    cpu = result.pop("cpu_seconds")
+    deliveries, messages = max(1, result["deliveries"]), result["messages"]
+    return result | {
+        "cpu_us_per_delivery": cpu["chat"] / deliveries * 1e6,
+        "redis_cpu_us_per_msg": cpu["redis"] / messages * 1e6,
+        "master_cpu_us_per_msg": cpu["masters"] / messages * 1e6,
+    }
+
+
+def startup_failure(servers: list[Server], error: Exception) -> str:
+    """Why a chat process did not start: the error and the last line of its log."""
+    for server in servers:
+        lines = server.log_path.read_text(errors="replace").strip().splitlines()
+        if server.process and server.process.poll() is not None and lines:
+            return f"{error}: {lines[-1][:200]}"
+    return str(error)
+
+
+async def cluster_scale(args: argparse.Namespace) -> Report:
+    """Two chat processes on one Redis against two on a Redis Cluster (--redis-url
+    redis+cluster://): deliveries per second, chat CPU per delivery, Redis CPU per message."""
+    title = "cluster: 2 chat processes on 1 Redis vs on a 3-master Redis Cluster"
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        return Report(title, summary={"skipped": "redis-server or redis-cli is not installed"})
+    from tests.redis_cluster import RedisCluster
+
+    rooms = 12 if args.quick else CLUSTER_ROOMS
+    seconds = 1.5 if args.quick else CLUSTER_SECONDS
+    rate = CLUSTER_RATE / 4 if args.quick else CLUSTER_RATE
+    title += f": {rooms} rooms of {CLUSTER_MEMBERS} (half on each process), {rate:g} msg/s for {seconds:g} s"
+    report = Report(title)
+    single = redis_server()
+    cluster_directory = Path(tempfile.mkdtemp(prefix="chat-bench-cluster-"))
+    cluster = RedisCluster(cluster_directory, persistent=False)
+    chat: list[Server] = []
+    setups: list[RedisSetup] = []
+    try:
+        single.start()
+        assert single.process is not None
+        pair = [
+            chat_server("--redis-url", f"redis://127.0.0.1:{single.port}/0", name=f"1 Redis: process {n}")
+            for n in (1, 2)
+        ]
+        chat += pair
+        started(*pair)
+        pids = [single.process.pid]
+        setups.append(RedisSetup("2 processes + 1 Redis", pair, pids, pids))
+
+        cluster.start()
+        pair = [chat_server("--redis-url", cluster.url, name=f"Redis Cluster: process {n}") for n in (1, 2)]
+        chat += pair
+        try:
+            started(*pair)
+        except RuntimeError as error:  # e.g. a server that does not know redis+cluster:// yet
+            report.summary["cluster"] = (
+                f"skipped, a chat process did not start: {startup_failure(pair, error)}"
+            )
+        else:
+            masters = [cluster.pid(port) for port in cluster.masters()]
+            setups.append(RedisSetup("2 processes + Redis Cluster", pair, cluster.pids, masters))
+
+        results: dict[str, list[dict]] = {setup.name: [] for setup in setups}
+        for setup in setups:  # a warm-up, not counted: imports, connections to every master
+            await rooms_across(setup, rooms, rate, min(seconds, 1.0))
+        for number in range(args.rounds):
+            for setup in setups if number % 2 == 0 else setups[::-1]:
+                results[setup.name].append(await rooms_across(setup, rooms, rate, seconds))
+    finally:
+        stop(chat)
+        single.stop()
+        cluster.stop()
+        shutil.rmtree(cluster_directory, ignore_errors=True)
+
+    for name, rounds in results.items():
+        report.rows.append(
+            {"server": name}
+            | {key: round(median_of(rounds, key)) for key in ("deliveries_per_s", "missing")}
+            | {
+                key: round(median_of(rounds, key), 2)
+                for key in (
+                    "cpu_us_per_delivery",
+                    "redis_cpu_us_per_msg",
+                    "master_cpu_us_per_msg",
+                    "p50_ms",
+                    "p99_ms",
+                )
+            }
+        )
+    if len(setups) == 2:
+        one, many = (setup.name for setup in setups)
+        report.summary["cluster vs single"] = {
+            key: round(median_ratio(results[many], results[one], key), 3)
+            for key in (
+                "deliveries_per_s",
+                "cpu_us_per_delivery",
+                "redis_cpu_us_per_msg",
+                "master_cpu_us_per_msg",
+                "p99_ms",
+            )
+        }
+    return report
+
+
 async def attacks(args: argparse.Namespace) -> Report:
     """One abusive client against every default limit (bench/attacks.py): what each attack costs."""
     from bench.attacks import attack_all
@@ -734,6 +879,7 @@ WORKLOADS: dict[str, Callable[[argparse.Namespace], Awaitable[Report]]] = {
     "churn": churn,
     "history": history_throughput,
     "redis": redis_scale,
+    "cluster": cluster_scale,
     "attacks": attacks,
     "crowd": crowd_one_process,
     "crowd-workers": crowd_workers,

@@ -148,8 +148,15 @@ class RedisCluster:
     """
 
     def __init__(
-        self, directory: Path, masters: int = 3, replicas_per_master: int = 1, node_timeout_ms: int = 1000
+        self,
+        directory: Path,
+        masters: int = 3,
+        replicas_per_master: int = 1,
+        node_timeout_ms: int = 1000,
+        persistent: bool = True,
     ) -> None:
+        """Nodes in subdirectories of `directory`; with `persistent`, append-only files there
+        (a restarted node keeps its data), without (benchmarks) no persistence at all."""
         server, cli = redis_server_path(), redis_cli_path()
         if server is None or cli is None:
             optional_part_missing(
@@ -163,7 +170,7 @@ class RedisCluster:
         self.directory = directory
         self.replicas_per_master = replicas_per_master
         self.node_timeout_ms = node_timeout_ms
-        self.masters_at_start = masters
+        self.persistent = persistent
         used: set[int] = set()
         self.nodes: list[Node] = []
         for number in range(masters * (1 + replicas_per_master)):
@@ -193,6 +200,13 @@ class RedisCluster:
     def pids(self) -> list[int]:
         """The live redis-server processes (for their CPU time in /proc)."""
         return [node.process.pid for node in self.nodes if node.alive and node.process]
+
+    def pid(self, port: int) -> int:
+        """The process id of the node on `port` (for its CPU time in /proc)."""
+        process = self.node(port).process
+        if process is None:
+            raise ClusterError(f"the node on {port} was never started")
+        return process.pid
 
     def client(self) -> redis.cluster.RedisCluster:
         """A cluster-aware client: it follows MOVED/ASK and reloads the layout after a failover."""
@@ -238,6 +252,8 @@ class RedisCluster:
         """The port of a live replica of the master on `master_port`."""
         views = self.view()
         master_id = next((v.node_id for v in views.values() if v.port == master_port), None)
+        if master_id is None:
+            raise ClusterError(f"no node of the cluster is on {master_port}")
         for entry in views.values():
             if entry.master_id == master_id and not entry.failing and self.node(entry.port).alive:
                 return entry.port
@@ -296,8 +312,11 @@ class RedisCluster:
         node.process.wait(15)
 
         def promoted() -> str | None:
-            with self.node_client(replica) as client:
-                role = client.execute_command("ROLE")[0]
+            try:
+                with self.node_client(replica) as client:
+                    role = client.execute_command("ROLE")[0]
+            except redis.RedisError as error:
+                return f"the replica on {replica} did not answer: {error}"
             if role != "master":
                 return f"the replica on {replica} is still a {role}"
             return self._disagreement()
@@ -387,7 +406,7 @@ class RedisCluster:
                 # A replica takes over however long its link was down: a test's cluster is
                 # stopped and restarted at will, and its data is never stale in a way that matters.
                 *("--cluster-replica-validity-factor", "0"),
-                *("--appendonly", "yes"),
+                *("--appendonly", "yes" if self.persistent else "no"),
                 *("--save", ""),
                 # Redis 7.0 waits 5 s by default before a diskless full sync to a new replica.
                 *("--repl-diskless-sync-delay", "0"),
