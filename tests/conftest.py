@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from playwright.async_api import async_playwright
 
+from fennec_chat.redis_scripts import RedisKeys
 from tests.browser import CHROMIUM_ARGS, chromium_path, optional_part_missing
 from tests.redis_cluster import RedisCluster
 from tests.redis_process import RedisProcess
@@ -105,6 +108,41 @@ def redis_server(tmp_path) -> Iterator[RedisProcess]:
     server = RedisProcess(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+@dataclass
+class RedisBackend:
+    """Where a test's chat processes meet: one Redis or a Redis Cluster, under a key prefix."""
+
+    url: str
+    prefix: str
+    server: RedisProcess | RedisCluster
+
+    @property
+    def cluster(self) -> bool:
+        return isinstance(self.server, RedisCluster)
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return ("--redis-url", self.url, "--redis-prefix", self.prefix)
+
+    def client(self) -> Any:
+        return self.server.client()
+
+    def key(self, room: str, what: str) -> str:
+        """The name of one of a room's keys, as the server names it here."""
+        return RedisKeys(self.prefix, cluster=self.cluster).room(room, what)
+
+
+@pytest.fixture(params=["one-redis", "cluster"])
+def redis_backend(request: pytest.FixtureRequest) -> RedisBackend:
+    """The test runs twice: on one redis-server of its own, and on the shared Redis Cluster
+    under a key prefix of its own (so that its processes never meet another test's)."""
+    if request.param == "one-redis":
+        server: RedisProcess = request.getfixturevalue("redis_server")
+        return RedisBackend(server.url, "fennec-chat:", server)
+    cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+    return RedisBackend(cluster.url, f"t-{uuid.uuid4().hex[:8]}:", cluster)
 
 
 @pytest.fixture(scope="session")

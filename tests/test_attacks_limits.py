@@ -110,8 +110,8 @@ async def test_frames_that_are_not_commands_cost_their_size(start_server, room):
     await client.close()
 
 
-async def test_the_per_address_cap_holds_across_processes(start_server, redis_server, room):
-    flags = ("--redis-url", redis_server.url, "--redis-heartbeat", "0.5", "--max-connections-per-ip", "3")
+async def test_the_per_address_cap_holds_across_processes(start_server, redis_backend, room):
+    flags = (*redis_backend.flags, "--redis-heartbeat", "0.5", "--max-connections-per-ip", "3")
     one, two = start_server(*flags, limits=True), start_server(*flags, limits=True)
     clients = [await one.connect(f"/ws/chat/{room}"), await two.connect(f"/ws/chat/{room}")]
     clients.append(await two.connect("/ws/lobby"))
@@ -130,8 +130,8 @@ async def test_the_per_address_cap_holds_across_processes(start_server, redis_se
         await client.close()
 
 
-async def test_a_killed_process_gives_its_seats_back(start_server, redis_server, room):
-    flags = ("--redis-url", redis_server.url, "--redis-heartbeat", "0.3", "--max-connections-per-ip", "2")
+async def test_a_killed_process_gives_its_seats_back(start_server, redis_backend, room):
+    flags = (*redis_backend.flags, "--redis-heartbeat", "0.3", "--max-connections-per-ip", "2")
     one, two = start_server(*flags, limits=True), start_server(*flags, limits=True)
     held = [await one.connect(f"/ws/chat/{room}") for _ in range(2)]
     for client in held:

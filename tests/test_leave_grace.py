@@ -276,9 +276,9 @@ async def test_returns_racing_the_end_of_the_grace_tell_one_story(start_server, 
 
 
 @pytest.fixture
-def two_servers_with_grace(start_server, redis_server):
+def two_servers_with_grace(start_server, redis_backend):
     def start(grace: str) -> tuple[ServerProcess, ServerProcess]:
-        flags = ("--redis-url", redis_server.url, "--redis-heartbeat", "0.5", "--leave-grace", grace)
+        flags = (*redis_backend.flags, "--redis-heartbeat", "0.5", "--leave-grace", grace)
         return start_server(*flags), start_server(*flags)
 
     return start

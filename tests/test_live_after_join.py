@@ -109,9 +109,9 @@ async def test_a_seed_client_sees_every_message_sent_after_its_welcome_as_a_live
 
 
 async def test_a_seed_client_sees_every_message_sent_after_its_welcome_across_redis(
-    start_server, redis_server, room
+    start_server, redis_backend, room
 ):
-    flags = ("--redis-url", redis_server.url)
+    flags = redis_backend.flags
     alice_server, newcomer_server = start_server(*flags), start_server(*flags)
     await race_newcomers(alice_server, newcomer_server, room)
 

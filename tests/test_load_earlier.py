@@ -156,8 +156,8 @@ async def test_without_history_load_earlier_gets_history_unavailable(start_serve
     await alice.close()
 
 
-async def test_load_earlier_pages_the_same_across_redis(start_server, redis_server, room):
-    flags = ("--redis-url", redis_server.url, "--redis-heartbeat", "0.5", "--history-retention", "100")
+async def test_load_earlier_pages_the_same_across_redis(start_server, redis_backend, room):
+    flags = (*redis_backend.flags, "--redis-heartbeat", "0.5", "--history-retention", "100")
     one, two = start_server(*flags), start_server(*flags)
     writer = await seeded(one, room, 120)  # ids 21..120 are kept
     reader = await two.connect(f"/ws/chat/{room}")

@@ -154,8 +154,8 @@ async def test_bans_and_deletions_survive_a_restart(start_server, tokens, room, 
     await carol.close()
 
 
-async def test_bans_and_deletions_hold_on_every_process_on_redis(start_server, redis_server, tokens, room):
-    flags = ("--redis-url", redis_server.url, "--redis-heartbeat", "0.5")
+async def test_bans_and_deletions_hold_on_every_process_on_redis(start_server, redis_backend, tokens, room):
+    flags = (*redis_backend.flags, "--redis-heartbeat", "0.5")
     one, two = start_server(*flags, env=TOKENS), start_server(*flags, env=TOKENS)
     alice, _ = await join(one, room, tokens["alice"])
     bob, bob_id = await join(two, room, tokens["bob"])

@@ -13,18 +13,24 @@ import urllib.error
 import urllib.request
 
 import pytest
-import redis
 
 from tests.chat_client import ChatClient
 from tests.redis_process import RedisProcess
-from tests.server_process import ROOT, ServerProcess, worker_pids
+from tests.server_process import ROOT, ServerProcess, free_port, worker_pids
 
 ROOM_EVENTS = {"message", "typing", "username_changed", "user_joined", "user_left"}
 
 
 @pytest.fixture
-def two_servers(start_server, redis_server):
-    """Two chat processes on two ports, one Redis."""
+def two_servers(start_server, redis_backend):
+    """Two chat processes on two ports, on one Redis and (a second run) on a Redis Cluster."""
+    flags = (*redis_backend.flags, "--redis-heartbeat", "0.5")
+    return start_server(*flags), start_server(*flags)
+
+
+@pytest.fixture
+def two_servers_on_one_redis(start_server, redis_server):
+    """Two chat processes on one Redis, which the test stops and starts."""
     flags = ("--redis-url", redis_server.url, "--redis-heartbeat", "0.5")
     return start_server(*flags), start_server(*flags)
 
@@ -135,8 +141,8 @@ async def test_presence_and_the_lobby_count_both_processes(two_servers, room):
     await lobby.close()
 
 
-async def test_the_users_of_a_killed_process_leave_within_30_seconds(start_server, redis_server, room):
-    flags = ("--redis-url", redis_server.url, "--redis-heartbeat", "2")
+async def test_the_users_of_a_killed_process_leave_within_30_seconds(start_server, redis_backend, room):
+    flags = (*redis_backend.flags, "--redis-heartbeat", "2")
     survivor, doomed = start_server(*flags), start_server(*flags)
     watcher = await survivor.connect(f"/ws/chat/{room}?username=watcher")
     await watcher.joined()
@@ -243,8 +249,8 @@ async def test_a_resend_to_the_other_process_is_still_exactly_once(two_servers, 
     await again.close()
 
 
-async def test_redis_going_away_and_coming_back(two_servers, redis_server, room):
-    one, two = two_servers
+async def test_redis_going_away_and_coming_back(two_servers_on_one_redis, redis_server, room):
+    one, two = two_servers_on_one_redis
     alice = await one.connect(f"/ws/chat/{room}?username=alice")
     await alice.joined()
     bob = await two.connect(f"/ws/chat/{room}?username=bob")
@@ -275,8 +281,10 @@ async def test_redis_going_away_and_coming_back(two_servers, redis_server, room)
     one.assert_no_errors_but("lost Redis")
 
 
-async def test_a_wiped_redis_resets_the_clients_history(two_servers, redis_server, tmp_path, room):
-    one, _ = two_servers
+async def test_a_wiped_redis_resets_the_clients_history(
+    two_servers_on_one_redis, redis_server, tmp_path, room
+):
+    one, _ = two_servers_on_one_redis
     alice = await one.connect(f"/ws/chat/{room}")
     await alice.joined()
     await alice.send(type="message", message="soon forgotten")
@@ -297,9 +305,9 @@ async def test_a_wiped_redis_resets_the_clients_history(two_servers, redis_serve
     await alice.close()
 
 
-def test_redis_down_at_start_is_a_clear_failure(redis_server):
-    url = redis_server.url
-    redis_server.stop()
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+def test_redis_down_at_start_is_a_clear_failure(scheme):
+    url = f"{scheme}://127.0.0.1:{free_port()}"  # nothing listens there
     result = subprocess.run(
         [sys.executable, "server.py", "--port", "0", "--redis-url", url],
         cwd=ROOT,
@@ -309,6 +317,7 @@ def test_redis_down_at_start_is_a_clear_failure(redis_server):
     )
     assert result.returncode != 0
     assert "cannot reach Redis" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_workers_without_redis_are_refused():
@@ -319,14 +328,14 @@ def test_workers_without_redis_are_refused():
     assert "--workers needs --redis-url" in result.stderr
 
 
-async def test_workers_share_rooms_through_redis(start_server, redis_server, room):
-    server = start_server("--workers", "2", "--redis-url", redis_server.url)
-    members = redis_server.client()
+async def test_workers_share_rooms_through_redis(start_server, redis_backend, room):
+    server = start_server("--workers", "2", *redis_backend.flags)
+    members = redis_backend.client()
 
     def workers_in_room() -> set[str]:
         return {
             json.loads(member)["process"]
-            for member in members.hgetall(f"fennec-chat:room:{room}:members").values()
+            for member in members.hgetall(redis_backend.key(room, "members")).values()
         }
 
     # The kernel hands each connection to one worker or the other; connect until both have some.
@@ -362,11 +371,11 @@ async def test_a_worker_that_dies_is_replaced_and_the_log_says_so(start_server, 
     await member.close()
 
 
-async def test_an_admin_can_kick_someone_on_the_other_process(start_server, redis_server, room):
+async def test_an_admin_can_kick_someone_on_the_other_process(start_server, redis_backend, room):
     from fennec_chat.gate import Tokens
 
     secret = {"CHAT_JWT_SECRET": "redis-kick-secret"}
-    flags = ("--redis-url", redis_server.url, "--redis-heartbeat", "0.5")
+    flags = (*redis_backend.flags, "--redis-heartbeat", "0.5")
     one, two = start_server(*flags, env=secret), start_server(*flags, env=secret)
     tokens = Tokens("redis-kick-secret")
     admin = await one.connect(f"/ws/chat/{room}?token={tokens.mint('mod', admin=True)}")
@@ -381,19 +390,21 @@ async def test_an_admin_can_kick_someone_on_the_other_process(start_server, redi
     await admin.close()
 
 
-async def test_a_rooms_history_keys_expire_after_history_days(start_server, redis_server, room):
-    server = start_server("--redis-url", redis_server.url, "--history-days", "1")
+async def test_a_rooms_history_keys_expire_after_history_days(start_server, redis_backend, room):
+    server = start_server(*redis_backend.flags, "--history-days", "1")
     client = await server.connect(f"/ws/chat/{room}")
     await client.joined()
     await client.send(type="message", message="kept a day")
     await client.expect("message")
     visitor = await server.connect(f"/ws/chat/{room}-visited")
     await visitor.joined()
-    store = redis.Redis.from_url(redis_server.url)
+    store = redis_backend.client()
     day = 86_400_000
     for what in ("stream", "last_id", "epoch"):
-        assert day - 60_000 < store.pttl(f"fennec-chat:room:{room}:{what}") <= day
-    assert day - 60_000 < store.pttl(f"fennec-chat:room:{room}-visited:epoch") <= day  # a visit expires too
+        assert day - 60_000 < store.pttl(redis_backend.key(room, what)) <= day
+    assert (
+        day - 60_000 < store.pttl(redis_backend.key(f"{room}-visited", "epoch")) <= day
+    )  # a visit expires too
     for connected in (client, visitor):
         await connected.close()
 
