@@ -529,6 +529,7 @@ class RedisSetup:
     chat: list[Server]
     redis_pids: list[int]  # every redis-server process
     master_pids: list[int]  # those that serve slots (all of them for a single Redis)
+    split: bool = True  # each room's members on both processes, or all on one (room affinity)
 
 
 async def rooms_across(setup: RedisSetup, rooms: int, rate: float, seconds: float) -> dict:
@@ -537,8 +538,12 @@ async def rooms_across(setup: RedisSetup, rooms: int, rate: float, seconds: floa
     try:
         for first in range(0, rooms, 10):  # in batches: each room's opening broadcasts and waits
             batch = [
-                # Half the rooms have their first member (the sender) on each process.
-                open_room(setup.chat if number % 2 == 0 else setup.chat[::-1], CLUSTER_MEMBERS)
+                # Half the rooms have their first member (the sender) on each process; with
+                # room affinity, all its members are there.
+                open_room(
+                    (setup.chat if number % 2 == 0 else setup.chat[::-1])[: 2 if setup.split else 1],
+                    CLUSTER_MEMBERS,
+                )
                 for number in range(first, min(rooms, first + 10))
             ]
             opened += await asyncio.wait_for(asyncio.gather(*batch), 60)
@@ -554,6 +559,7 @@ async def rooms_across(setup: RedisSetup, rooms: int, rate: float, seconds: floa
     deliveries, messages = max(1, result["deliveries"]), result["messages"]
     return result | {
         "cpu_us_per_delivery": cpu["chat"] / deliveries * 1e6,
+        "cpu_us_per_msg": cpu["chat"] / messages * 1e6,
         "redis_cpu_us_per_msg": cpu["redis"] / messages * 1e6,
         "master_cpu_us_per_msg": cpu["masters"] / messages * 1e6,
     }
@@ -610,6 +616,10 @@ async def cluster_scale(args: argparse.Namespace) -> Report:
         else:
             masters = [cluster.pid(port) for port in cluster.masters()]
             setups.append(RedisSetup("2 processes + Redis Cluster", pair, cluster.pids, masters))
+            # What a process costs per message it only receives: every room on one process.
+            setups.append(
+                RedisSetup("Redis Cluster, rooms on one process", pair, cluster.pids, masters, split=False)
+            )
 
         results: dict[str, list[dict]] = {setup.name: [] for setup in setups}
         for setup in setups:  # a warm-up, not counted: imports, connections to every master
@@ -631,6 +641,7 @@ async def cluster_scale(args: argparse.Namespace) -> Report:
                 key: round(median_of(rounds, key), 2)
                 for key in (
                     "cpu_us_per_delivery",
+                    "cpu_us_per_msg",
                     "redis_cpu_us_per_msg",
                     "master_cpu_us_per_msg",
                     "p50_ms",
@@ -638,8 +649,8 @@ async def cluster_scale(args: argparse.Namespace) -> Report:
                 )
             }
         )
-    if len(setups) == 2:
-        one, many = (setup.name for setup in setups)
+    if len(setups) == 3:
+        one, many, affine = (setup.name for setup in setups)
         report.summary["cluster vs single"] = {
             key: round(median_ratio(results[many], results[one], key), 3)
             for key in (
@@ -649,6 +660,9 @@ async def cluster_scale(args: argparse.Namespace) -> Report:
                 "master_cpu_us_per_msg",
                 "p99_ms",
             )
+        }
+        report.summary["rooms split over 2 processes vs each on one"] = {
+            "chat cpu per message": round(median_ratio(results[many], results[affine], "cpu_us_per_msg"), 3)
         }
     return report
 

@@ -1,6 +1,7 @@
 """Several chat processes sharing rooms, presence, the lobby and history through Redis.
 
-Fan-out: one pub/sub channel per room. Every room event, this process's own included, is
+Fan-out: one pub/sub channel per room (on a Redis Cluster, a sharded channel on the room's
+shard: redis_connections.py). Every room event, this process's own included, is
 published to Redis and delivered to local clients only when it comes back from the channel,
 so every process delivers a room's events in the one order Redis gave them. A process
 subscribes to a room's channel while it has clients in the room. Each event is encoded once

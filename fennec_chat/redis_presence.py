@@ -142,7 +142,9 @@ class RedisPresence:
         entry.update(session=away.session, identity=away.identity)
         keys = [self.keys.room(room, "members"), self.keys.room(room, "away")]
         args = (away.client_id, json.dumps(entry), int(grace * 1000))
-        self._send(lambda pipe: pipe.eval(AWAY, 2, *keys, *args))
+        listed_anew = self._send(lambda pipe: pipe.eval(AWAY, 2, *keys, *args), True)
+        assert listed_anew is not None
+        self._count_change(room, listed_anew, 1)  # 0, unless a reaper had taken it meanwhile
 
     async def come_back(self, room: str, session: str, username: str, identity: str) -> str | None:
         # On the publishing connection, in order: after this process's own `go_away`.

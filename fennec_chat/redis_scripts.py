@@ -146,6 +146,7 @@ return 1
 # Away members (leave_grace.py) stay in the members hash, their entry saying since when they are
 # away (`away`: that absence's mark), until when (`until`, Redis's clock in ms: every process
 # reads the same one), which tab (`session`, a digest) and which token user (`identity`).
+# AWAY returns 1 if the member was not listed any more (a reaper took it): it is counted anew.
 NOW_MS = """
 local function now_ms()
   local time = redis.call('TIME')
@@ -158,8 +159,8 @@ AWAY = (
     + """
 local entry = cjson.decode(ARGV[2])
 entry['until'] = now_ms() + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(entry))
 redis.call('HSET', KEYS[2], entry['session'], ARGV[1])
+return redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(entry))
 """
 )
 
