@@ -584,7 +584,7 @@ async def cluster_scale(args: argparse.Namespace) -> Report:
 
     rooms = 12 if args.quick else CLUSTER_ROOMS
     seconds = 1.5 if args.quick else CLUSTER_SECONDS
-    rate = CLUSTER_RATE / 4 if args.quick else CLUSTER_RATE
+    rate = args.cluster_rate / 4 if args.quick else args.cluster_rate
     title += f": {rooms} rooms of {CLUSTER_MEMBERS} (half on each process), {rate:g} msg/s for {seconds:g} s"
     report = Report(title)
     single = redis_server()
@@ -925,6 +925,13 @@ def main() -> None:
         "--baseline",
         metavar="DIR",
         help="another checkout to compare with in fanout and latency (git worktree add DIR REV)",
+    )
+    parser.add_argument(
+        "--cluster-rate",
+        type=float,
+        default=CLUSTER_RATE,
+        help=f"messages a second in the cluster workload (default {CLUSTER_RATE}); two rates give the "
+        "cost of one more message apart from what the processes spend anyway",
     )
     args = parser.parse_args()
     unknown = [name for name in args.workloads if name not in WORKLOADS]

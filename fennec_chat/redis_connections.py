@@ -114,7 +114,9 @@ class ShardedSubscriber:
         node = self._cluster.get_node_from_key(channel)
         shard = self._shards.get(node.name)
         if shard is None:
-            client = redis.Redis(host=node.host, port=node.port, **OPTIONS)
+            # No retries: a shard that fails is reported at once (redis-py's default retries
+            # took 4 s), and the listener starts over.
+            client = redis.Redis(host=node.host, port=node.port, retry=Retry(NoBackoff(), 0), **OPTIONS)
             shard = self._shards[node.name] = client.pubsub()
             self._readers.append(asyncio.create_task(self._read(shard), name=f"redis-shard-{node.name}"))
         return shard

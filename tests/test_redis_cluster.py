@@ -113,9 +113,11 @@ async def talk_through(start_server, cluster: RedisCluster, room: str, fault) ->
     await asyncio.sleep(1.0)  # a third of the messages before the fault, the rest during and after
     started = time.monotonic()
     await asyncio.to_thread(fault)
+    over = time.monotonic() - started
     while not all(map(connected, (one, two))):  # noqa: ASYNC110 (a poll of /health)
         await asyncio.sleep(0.05)
-    print(f"\n  both processes back in touch {time.monotonic() - started:.1f} s after the fault began")
+    back = time.monotonic() - started
+    print(f"\n  the fault took {over:.1f} s; both processes back in touch {back:.1f} s after it began")
     await asyncio.wait_for(asyncio.gather(sending, reading), 60)
     talk.assert_nothing_lost_nothing_twice()
     for process in (one, two):
