@@ -48,7 +48,10 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
         # Registered with Fennec's manager; on the way out the room hears `user_left`, once. A
         # reload is not a leave: the same tab (?session=) back within --leave-grace continues.
         async with manager.connected(websocket, room, admission.identity, join.session, name) as me:
-            if not await greet(me, join):
+            # Into the room (Fennec's join_room), then the welcome, who is here and what was said
+            # (with ?since=, just what it missed) before anything live: no gap, no repeat; then the
+            # room hears `user_joined` (`user_back`: a reload). False: dropped meanwhile (too slow).
+            if not await me.enter_room(join):
                 return
             limits = gate.limits(admission)
             async for frame in me.frames():  # raw frames: every bad one is answered
@@ -72,24 +75,6 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
                         await manager.send_json(me.client_id, command.event())
                 if limits.flooding:  # warned again and again: no longer a person typing
                     await manager.close(me.client_id, CloseCode.POLICY_VIOLATION, "flooding: too many frames")
-
-
-async def greet(me: Connection, join: protocol.JoinRequest) -> bool:
-    """Join the room and tell the newcomer where it is; then tell the room. False: it is gone."""
-    manager.join_room(me.client_id, me.room)
-    await manager.listening(me.room)  # (with Redis: subscribed) all said after the welcome comes live
-    await manager.send_json(me.client_id, protocol.welcome(me.room, me.client_id, settings))
-    await manager.send_json(me.client_id, protocol.presence(me.room, await manager.members(me.room)))
-    # What was said before it joined (or just what it missed), then live events: no gap, no repeat.
-    await manager.send_history(me.client_id, me.room, join.since, join.epoch)
-    for problem in join.problems:
-        await manager.send_json(me.client_id, problem.event())
-    if not manager.is_connected(me.client_id):
-        return False  # dropped meanwhile: more events piled up than its outbox may hold
-    arrival = protocol.user_back if me.returning else protocol.user_joined  # back: it never left
-    event = arrival(manager.username(me.client_id), me.client_id)
-    await manager.broadcast_json(event, room=me.room, exclude=me.client_id)
-    return True
 
 
 # One handler per command. A chat message is *published*: numbered and stored first (so that a
