@@ -21,7 +21,7 @@ from fennec_chat.gate import Gate
 from fennec_chat.manager import ChatManager, Connection, Moderation
 from fennec_chat.moderation import WordFilter
 from fennec_chat.page import read_page
-from fennec_chat.protocol import CloseCode, ErrorCode
+from fennec_chat.protocol import ErrorCode
 from fennec_chat.settings import Settings
 
 settings = Settings.from_environ()  # `python server.py --flags` applies its flags on top
@@ -73,8 +73,7 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
                         await load_earlier(me, command)
                     case protocol.Rejection():  # bad input is answered, never fatal
                         await manager.send_json(me.client_id, command.event())
-                if limits.flooding:  # warned again and again: no longer a person typing
-                    await manager.close(me.client_id, CloseCode.POLICY_VIOLATION, "flooding: too many frames")
+                await gate.close_if_flooding(limits, me.client_id, "frames")  # warned and went on
 
 
 # One handler per command. A chat message is *published*: numbered and stored first (so that a
@@ -137,10 +136,7 @@ async def lobby(websocket: WebSocket) -> None:
                     await manager.send_json(me.client_id, refusal.event())
                 else:
                     await manager.send_rooms_update(me.client_id)
-                if limits.flooding:
-                    await manager.close(
-                        me.client_id, CloseCode.POLICY_VIOLATION, "flooding: too many requests"
-                    )
+                await gate.close_if_flooding(limits, me.client_id, "requests")
 
 
 # --- HTTP ----------------------------------------------------------------------------------------
