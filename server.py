@@ -3,24 +3,23 @@
     python server.py            # then open http://localhost:8000/ in a few tabs
     python server.py --help     # every setting, with its environment variable
 
-The lesson, top to bottom: two WebSocket endpoints, two HTTP routes, the app (docs/tutorial.md
-builds up to it). What it leans on lives in fennec_chat/, a module per concern.
+The lesson, top to bottom: two WebSocket endpoints and the app (docs/tutorial.md builds up to
+it). What it leans on lives in fennec_chat/, a module per concern.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from fennec import Request, Response, Router, WebSocket, WebSocketRouter
+from fennec import WebSocket, WebSocketRouter
 
 from fennec_chat import cli, protocol
 from fennec_chat.collector import Freezer
 from fennec_chat.fennec_fixes import ChatApplication, query_params
 from fennec_chat.gate import Gate
+from fennec_chat.http_routes import http_routes
 from fennec_chat.manager import ChatManager, Connection, Moderation
 from fennec_chat.moderation import WordFilter
-from fennec_chat.page import read_page
 from fennec_chat.protocol import ErrorCode
 from fennec_chat.settings import Settings
 
@@ -29,7 +28,6 @@ manager = ChatManager(settings)  # Fennec's WebSocketManager: connections, rooms
 gate = Gate(settings, manager)  # who may come in, and how fast they may go
 words = WordFilter(settings)  # masks the words of --blocklist
 ws_router = WebSocketRouter()
-http_router = Router()
 
 
 # --- A chat room: admit, greet, loop, goodbye ----------------------------------------------------
@@ -139,28 +137,10 @@ async def lobby(websocket: WebSocket) -> None:
                 await gate.close_if_flooding(limits, me.client_id, "requests")
 
 
-# --- HTTP ----------------------------------------------------------------------------------------
-
-
-@http_router.get("/")
-async def chat_page(request: Request) -> Response:
-    """The page, served with a Content-Security-Policy that lets only its own script run."""
-    page, headers = read_page(Path(__file__).with_name("client.html"))
-    return Response(page, headers=headers)
-
-
-@http_router.get("/health")
-async def health(request: Request) -> Response:
-    """ok, or degraded (HTTP 503) while Redis is away: a load balancer then sends people elsewhere."""
-    report = manager.health()
-    status = 200 if report["status"] == "ok" else 503
-    return Response(json.dumps(report), status_code=status, headers={"content-type": "application/json"})
-
-
 # --- The app: Fennec's Application with the routers, and what starts and stops with it ----------
 
 app = ChatApplication(title="Fennec chat", docs_enabled=False)  # docs would load Swagger from a CDN
-app.include_router(http_router)
+app.include_router(http_routes(manager, Path(__file__).with_name("client.html")))  # the page, /health
 app.include_websocket_router(ws_router)
 # The history (and Redis), the blocklist, and the long-lived objects out of the collector's way.
 app.on_startup += [manager.start, words.start, Freezer().start]
