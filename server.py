@@ -3,25 +3,24 @@
     python server.py            # then open http://localhost:8000/ in a few tabs
     python server.py --help     # every setting, with its environment variable
 
-The lesson, top to bottom: two WebSocket endpoints, two HTTP routes, the app (docs/tutorial.md
-builds up to it). What it leans on lives in fennec_chat/, a module per concern.
+The lesson, top to bottom: two WebSocket endpoints and the app (docs/tutorial.md builds up to
+it). What it leans on lives in fennec_chat/, a module per concern.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from fennec import Request, Response, Router, WebSocket, WebSocketRouter
+from fennec import WebSocket, WebSocketRouter
 
 from fennec_chat import cli, protocol
 from fennec_chat.collector import Freezer
 from fennec_chat.fennec_fixes import ChatApplication, query_params
 from fennec_chat.gate import Gate
+from fennec_chat.http_routes import http_routes
 from fennec_chat.manager import ChatManager, Connection, Moderation
 from fennec_chat.moderation import WordFilter
-from fennec_chat.page import read_page
-from fennec_chat.protocol import CloseCode, ErrorCode
+from fennec_chat.protocol import ErrorCode
 from fennec_chat.settings import Settings
 
 settings = Settings.from_environ()  # `python server.py --flags` applies its flags on top
@@ -29,7 +28,6 @@ manager = ChatManager(settings)  # Fennec's WebSocketManager: connections, rooms
 gate = Gate(settings, manager)  # who may come in, and how fast they may go
 words = WordFilter(settings)  # masks the words of --blocklist
 ws_router = WebSocketRouter()
-http_router = Router()
 
 
 # --- A chat room: admit, greet, loop, goodbye ----------------------------------------------------
@@ -48,7 +46,10 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
         # Registered with Fennec's manager; on the way out the room hears `user_left`, once. A
         # reload is not a leave: the same tab (?session=) back within --leave-grace continues.
         async with manager.connected(websocket, room, admission.identity, join.session, name) as me:
-            if not await greet(me, join):
+            # Into the room (Fennec's join_room), then the welcome, who is here and what was said
+            # (with ?since=, just what it missed) before anything live: no gap, no repeat; then the
+            # room hears `user_joined` (`user_back`: a reload). False: dropped meanwhile (too slow).
+            if not await me.enter_room(join):
                 return
             limits = gate.limits(admission)
             async for frame in me.frames():  # raw frames: every bad one is answered
@@ -70,26 +71,7 @@ async def chat_room(websocket: WebSocket, room: str) -> None:
                         await load_earlier(me, command)
                     case protocol.Rejection():  # bad input is answered, never fatal
                         await manager.send_json(me.client_id, command.event())
-                if limits.flooding:  # warned again and again: no longer a person typing
-                    await manager.close(me.client_id, CloseCode.POLICY_VIOLATION, "flooding: too many frames")
-
-
-async def greet(me: Connection, join: protocol.JoinRequest) -> bool:
-    """Join the room and tell the newcomer where it is; then tell the room. False: it is gone."""
-    manager.join_room(me.client_id, me.room)
-    await manager.listening(me.room)  # (with Redis: subscribed) all said after the welcome comes live
-    await manager.send_json(me.client_id, protocol.welcome(me.room, me.client_id, settings))
-    await manager.send_json(me.client_id, protocol.presence(me.room, await manager.members(me.room)))
-    # What was said before it joined (or just what it missed), then live events: no gap, no repeat.
-    await manager.send_history(me.client_id, me.room, join.since, join.epoch)
-    for problem in join.problems:
-        await manager.send_json(me.client_id, problem.event())
-    if not manager.is_connected(me.client_id):
-        return False  # dropped meanwhile: more events piled up than its outbox may hold
-    arrival = protocol.user_back if me.returning else protocol.user_joined  # back: it never left
-    event = arrival(manager.username(me.client_id), me.client_id)
-    await manager.broadcast_json(event, room=me.room, exclude=me.client_id)
-    return True
+                await gate.close_if_flooding(limits, me.client_id, "frames")  # warned and went on
 
 
 # One handler per command. A chat message is *published*: numbered and stored first (so that a
@@ -152,34 +134,13 @@ async def lobby(websocket: WebSocket) -> None:
                     await manager.send_json(me.client_id, refusal.event())
                 else:
                     await manager.send_rooms_update(me.client_id)
-                if limits.flooding:
-                    await manager.close(
-                        me.client_id, CloseCode.POLICY_VIOLATION, "flooding: too many requests"
-                    )
-
-
-# --- HTTP ----------------------------------------------------------------------------------------
-
-
-@http_router.get("/")
-async def chat_page(request: Request) -> Response:
-    """The page, served with a Content-Security-Policy that lets only its own script run."""
-    page, headers = read_page(Path(__file__).with_name("client.html"))
-    return Response(page, headers=headers)
-
-
-@http_router.get("/health")
-async def health(request: Request) -> Response:
-    """ok, or degraded (HTTP 503) while Redis is away: a load balancer then sends people elsewhere."""
-    report = manager.health()
-    status = 200 if report["status"] == "ok" else 503
-    return Response(json.dumps(report), status_code=status, headers={"content-type": "application/json"})
+                await gate.close_if_flooding(limits, me.client_id, "requests")
 
 
 # --- The app: Fennec's Application with the routers, and what starts and stops with it ----------
 
 app = ChatApplication(title="Fennec chat", docs_enabled=False)  # docs would load Swagger from a CDN
-app.include_router(http_router)
+app.include_router(http_routes(manager, Path(__file__).with_name("client.html")))  # the page, /health
 app.include_websocket_router(ws_router)
 # The history (and Redis), the blocklist, and the long-lived objects out of the collector's way.
 app.on_startup += [manager.start, words.start, Freezer().start]

@@ -1,6 +1,7 @@
 """One socket's life as the manager sees it: registered on the way in (under its old client_id
-if its tab is back within --leave-grace), its frames read, and forgotten on the way out, with
-how it ended deciding whether its room hears a leave now or only after the grace."""
+if its tab is back within --leave-grace), greeted into its room, its frames read, and forgotten
+on the way out, with how it ended deciding whether its room hears a leave now or only after the
+grace."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from fennec import WebSocket
 
-from . import metrics
+from . import metrics, protocol
 from .fennec_fixes import incoming
 from .gate import Identity
 from .leave_grace import may_come_back
@@ -63,6 +64,24 @@ class Connection:
             await self.manager.disconnect(self.client_id, self.session, self.identity, self.close_code)
         else:
             await self.manager.disconnect(self.client_id, close_code=self.close_code)
+
+    async def enter_room(self, join: protocol.JoinRequest) -> bool:
+        """Join the room and tell the newcomer where it is; then tell the room. False: it is gone."""
+        manager, client_id, room = self.manager, self.client_id, self.room
+        manager.join_room(client_id, room)  # Fennec's; room events are held until its history is out
+        await manager.listening(room)  # (with Redis: subscribed) all said after the welcome comes live
+        await manager.send_json(client_id, protocol.welcome(room, client_id, manager.settings))
+        await manager.send_json(client_id, protocol.presence(room, await manager.members(room)))
+        # What was said before it joined (or just what it missed), then live events: no gap, no repeat.
+        await manager.send_history(client_id, room, join.since, join.epoch)
+        for problem in join.problems:
+            await manager.send_json(client_id, problem.event())
+        if not manager.is_connected(client_id):
+            return False  # dropped meanwhile: more events piled up than its outbox may hold
+        arrival = protocol.user_back if self.returning else protocol.user_joined  # back: it never left
+        event = arrival(manager.username(client_id), client_id)
+        await manager.broadcast_json(event, room=room, exclude=client_id)
+        return True
 
     @property
     def endpoint(self) -> str:

@@ -1,5 +1,5 @@
 """Who may open a socket: the page's origin, a signed token, a cap per client address, and
-how fast one sender may open new rooms.
+how fast one sender may open new rooms; and the sockets that flood, closed.
 
 Every check runs after the WebSocket handshake, so that a refused browser sees the close code
 and its reason; a refusal before the handshake reaches it only as 1006, with no reason.
@@ -110,7 +110,8 @@ def _unpadded_b64decode(part: str) -> bytes:
 
 
 class Gate:
-    """Admits sockets: room name, origin, token, new rooms per sender, then sockets per address.
+    """Admits sockets: room name, origin, token, new rooms per sender, then sockets per address;
+    gives each its rate limits, and closes one that floods.
 
     `admitted` is the one way in: an async context manager entered before anything else can
     fail, whose exit gives the address's seat back whatever happened inside.
@@ -133,6 +134,11 @@ class Gate:
 
     def limits(self, admission: Admission) -> RateLimits:
         return RateLimits(self.settings, self.ledger, admission.sender)
+
+    async def close_if_flooding(self, limits: RateLimits, client_id: str, what: str) -> None:
+        """After each frame: a sender warned again and again is no longer a person typing."""
+        if limits.flooding:
+            await self.manager.close(client_id, CloseCode.POLICY_VIOLATION, f"flooding: too many {what}")
 
     async def admit(self, scope: dict[str, Any], room: str | None) -> Admission | Refusal:
         if room is not None and (problem := room_name_problem(room, self.settings)):
