@@ -233,7 +233,10 @@ async def race_returns_with_the_grace(
     or away, left, then a newcomer joining; and presence has the member once. Returns how many
     rounds went each way."""
     bob = await watcher(leave_on, room)
-    carol = await watcher(return_to, room)  # another process, with Redis: the stories agree
+    carol, carol_id = await member(return_to, room, "username=carol")  # another process, with Redis
+    # Carol's arrival is published once her process listens to the room; on another process
+    # Bob may hear it after later events. Heard before the story starts, it is not part of it.
+    await bob.wait_for("user_joined", client_id=carol_id)
     continued = restarted = 0
     tab = new_session()
     alice, alice_id = await member(leave_on, room, f"username=alice&session={tab}")

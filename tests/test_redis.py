@@ -105,6 +105,8 @@ async def test_typing_is_not_echoed_across_processes_either(two_servers, room):
     one, two = two_servers
     alice = await one.connect(f"/ws/chat/{room}?username=alice")
     await alice.joined()
+    await alice.send(type="message", message="alice is here")  # published behind her arrival
+    await alice.wait_for("message", message="alice is here")
     bob = await two.connect(f"/ws/chat/{room}?username=bob")
     await bob.joined()
     await alice.expect("user_joined")
