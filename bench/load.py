@@ -159,6 +159,12 @@ async def fan_out(room: Room, messages: int, window: int, cpu_seconds: Callable[
     }
 
 
+def send_time(frame: str) -> float | None:
+    """The send time a timed message carries (`MARK t=<perf_counter> ...`), or None."""
+    at = frame.find(MARK + "t=")
+    return None if at == -1 else float(frame[at + len(MARK) + 2 : frame.index(" ", at)])
+
+
 async def latency(
     room: Room, rate: float, seconds: float, readers: list[ClientConnection] | None = None, size: int = 0
 ) -> dict:
@@ -172,11 +178,9 @@ async def latency(
     async def read(ws: ClientConnection) -> None:
         received = 0
         while received < count:
-            frame = await ws.recv()
-            at = frame.find(MARK + "t=")
-            if at == -1:
+            sent = send_time(await ws.recv())
+            if sent is None:
                 continue
-            sent = float(frame[at + len(MARK) + 2 : frame.index(" ", at)])
             samples.append(time.perf_counter() - sent)
             received += 1
 
@@ -278,11 +282,10 @@ async def rooms_at_rate(
         nonlocal received
         got = 0
         while got < wanted:
-            frame = await ws.recv()
-            at = frame.find(MARK + "t=")
-            if at == -1:
+            sent = send_time(await ws.recv())
+            if sent is None:
                 continue
-            samples.append(time.perf_counter() - float(frame[at + len(MARK) + 2 : frame.index(" ", at)]))
+            samples.append(time.perf_counter() - sent)
             got += 1
             received += 1
 

@@ -80,7 +80,7 @@ class RedisPresence:
         """List the member; the future says whether it was new there (1) or listed already (0)."""
         member = json.dumps({"username": username, "process": self.process_id})
         # Noted under this process first: should the process die next, a reaper finds the member.
-        self._send(lambda pipe: pipe.sadd(self._mine("members"), f"{room}|{client_id}"))
+        self._send(lambda pipe: pipe.sadd(self._mine("members"), self.keys.listed(room, client_id)))
         added = self._send(lambda pipe: pipe.hset(self.keys.room(room, "members"), client_id, member), True)
         assert added is not None
         self._count_change(room, added, 1)
@@ -93,7 +93,7 @@ class RedisPresence:
             self._unsubscribe(room)
         removed = self._send(lambda pipe: pipe.hdel(self.keys.room(room, "members"), client_id), True)
         assert removed is not None
-        self._send(lambda pipe: pipe.srem(self._mine("members"), f"{room}|{client_id}"))
+        self._send(lambda pipe: pipe.srem(self._mine("members"), self.keys.listed(room, client_id)))
         self._count_change(room, removed, -1)
 
     def _count_change(self, room: str, changed: asyncio.Future, sign: int) -> None:
@@ -159,7 +159,7 @@ class RedisPresence:
         if not taken:
             return None
         client_id, holder = taken
-        listed = f"{room}|{client_id}"
+        listed = self.keys.listed(room, client_id)
         self._send(lambda pipe: pipe.sadd(self._mine("members"), listed))
         if holder != self.process_id:
             self._send(lambda pipe: pipe.srem(self.keys.process(holder, "members"), listed))
@@ -175,7 +175,7 @@ class RedisPresence:
         def forget(done: asyncio.Future) -> None:
             holder = done.result() if done.exception() is None else None
             if holder:
-                listed = f"{room}|{client_id}"
+                listed = self.keys.listed(room, client_id)
                 self._send(lambda pipe: pipe.srem(self.keys.process(holder, "members"), listed))
                 self._lobby(room, -1)
 
@@ -367,7 +367,8 @@ class RedisPresence:
             if left:
                 gone += left
                 self._lobby(room, -left)
-            done = [f"{room}|{client_id}" for client_id, o in zip(client_ids, outcome, strict=True) if o != 1]
+            taken = [client_id for client_id, o in zip(client_ids, outcome, strict=True) if o != 1]
+            done = [self.keys.listed(room, client_id) for client_id in taken]
             if done:
                 await self._redis.eval(FORGET, 3, *process_keys, "entries", *done)
         addresses = set(await self._redis.smembers(process_keys[2]))

@@ -26,6 +26,7 @@ class RedisKeys:
         self.processes = f"{lobby}processes"  # set of the processes that heartbeat
         # Room events on a cluster go by sharded pub/sub: only the room's shard carries them.
         self.publish = "SPUBLISH" if cluster else "PUBLISH"
+        self._scripts: dict[str, str] = {}  # script → itself with PUBLISH chosen, made once
 
     def _tag(self, name: str) -> str:
         return f"{{{name}}}" if self.cluster else name
@@ -51,8 +52,17 @@ class RedisKeys:
         return room[1:-1] if self.cluster else room
 
     def script(self, text: str) -> str:
-        """A script that publishes with PUBLISH or SPUBLISH, whichever this Redis uses."""
-        return f"local PUBLISH = '{self.publish}'\n{text}"
+        """A script that publishes with PUBLISH or SPUBLISH, whichever this Redis uses (made
+        once: APPEND is asked for on every message)."""
+        made = self._scripts.get(text)
+        if made is None:
+            made = self._scripts[text] = f"local PUBLISH = '{self.publish}'\n{text}"
+        return made
+
+    @staticmethod
+    def listed(room: str, client_id: str) -> str:
+        """A member as a process's `members` set lists it (what a reaper reads back)."""
+        return f"{room}|{client_id}"
 
 
 # Number, store and publish one message. A client_msg_id its sender used before returns the
